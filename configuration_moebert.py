@@ -1,0 +1,117 @@
+"""MoE-BERT configuration: a BERT configuration plus the domains, their experts and the routing."""
+
+from transformers import BertConfig
+
+ROUTING_MODES = ("sentence", "token")
+POOLING_MODES = ("mean", "cls")
+
+
+def default_domain_token(domain: str) -> str:
+    return f"[{domain}]"
+
+
+def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
+    """Turn "all", "middle", a comma-separated string or a list of indices into sorted layer indices."""
+    if moe_layers == "all":
+        return list(range(num_hidden_layers))
+    if moe_layers == "middle":
+        return [num_hidden_layers // 2]
+    if isinstance(moe_layers, str):
+        try:
+            moe_layers = [int(part) for part in moe_layers.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError(
+                f"moe_layers={moe_layers!r} is not understood: use 'all', 'middle' or layer indices such as '0,5,11'."
+            ) from None
+    indices = sorted(set(int(i) for i in moe_layers))
+    if not indices:
+        raise ValueError("moe_layers is empty: name at least one layer, or use 'all' or 'middle'.")
+    out_of_range = [i for i in indices if not 0 <= i < num_hidden_layers]
+    if out_of_range:
+        raise ValueError(
+            f"moe_layers {out_of_range} out of range: this model has {num_hidden_layers} layers "
+            f"(valid indices 0..{num_hidden_layers - 1})."
+        )
+    return indices
+
+
+class MoEBertConfig(BertConfig):
+    r"""
+    Configuration of a [`MoEBertModel`]: every argument of [`BertConfig`], plus
+
+    Args:
+        domains (`list[str]`): ordered domain names; domain `i` is routed to expert `i`.
+        domain_tokens (`list[str]`, *optional*): the special token of each domain, `[NAME]` by default.
+        domain_token_ids (`list[int]`, *optional*): vocabulary ids of `domain_tokens`, filled in when the tokens
+            are added to a tokenizer (see `MoEBertModel.from_bert`).
+        num_experts (`int`, *optional*): experts per MoE layer; `len(domains)` by default. `1` makes a shared model
+            (every domain uses the same feed-forward block), the paper's "one model for all domains" baseline.
+        moe_layers (`"all"`, `"middle"` or `list[int]`): the layers whose feed-forward block is split into experts.
+        routing_mode (`"sentence"` or `"token"`): one expert per sequence (from `domain_ids` or the domain token
+            after `[CLS]`), or one expert per token taken from `token_type_ids`.
+        pooling (`"mean"` or `"cls"`): how `pooler_output` is made from the last hidden states.
+        base_model_name_or_path (`str`, *optional*): the BERT checkpoint the experts were copied from.
+    """
+
+    model_type = "moebert"
+
+    def __init__(
+        self,
+        domains=None,
+        domain_tokens=None,
+        domain_token_ids=None,
+        num_experts=None,
+        moe_layers="all",
+        routing_mode="sentence",
+        pooling="mean",
+        base_model_name_or_path=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.domains = list(domains) if domains is not None else ["general"]
+        self.domain_tokens = (
+            list(domain_tokens) if domain_tokens is not None else [default_domain_token(d) for d in self.domains]
+        )
+        self.domain_token_ids = list(domain_token_ids) if domain_token_ids is not None else None
+        self.num_experts = len(self.domains) if num_experts is None else int(num_experts)
+        self.moe_layers = resolve_moe_layers(moe_layers, self.num_hidden_layers)
+        self.routing_mode = routing_mode
+        self.pooling = pooling
+        self.base_model_name_or_path = base_model_name_or_path
+        self.validate_moe()
+
+    def validate_moe(self):
+        """Raise a `ValueError` that names the problem if the MoE fields do not fit together."""
+        if not self.domains:
+            raise ValueError("domains is empty: give at least one domain name, e.g. domains=['CVD', 'COPD'].")
+        duplicates = sorted({d for d in self.domains if self.domains.count(d) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate domains {duplicates}: each domain must be named once.")
+        if len(self.domain_tokens) != len(self.domains):
+            raise ValueError(
+                f"{len(self.domain_tokens)} domain_tokens for {len(self.domains)} domains: give one token per domain."
+            )
+        if self.domain_token_ids is not None and len(self.domain_token_ids) != len(self.domains):
+            raise ValueError(
+                f"{len(self.domain_token_ids)} domain_token_ids for {len(self.domains)} domains: one id per domain."
+            )
+        if self.num_experts not in (1, len(self.domains)):
+            raise ValueError(
+                f"num_experts={self.num_experts} does not fit {len(self.domains)} domains {self.domains}: use one "
+                f"expert per domain (num_experts={len(self.domains)}) or a single shared expert (num_experts=1)."
+            )
+        if self.routing_mode not in ROUTING_MODES:
+            raise ValueError(f"routing_mode={self.routing_mode!r}: choose one of {ROUTING_MODES}.")
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling={self.pooling!r}: choose one of {POOLING_MODES}.")
+
+    def expert_of_domain(self, domain_id: int) -> int:
+        return domain_id if self.num_experts > 1 else 0
+
+    def domain_index(self, domain: str) -> int:
+        if domain not in self.domains:
+            raise ValueError(f"unknown domain {domain!r}: this model knows {self.domains}.")
+        return self.domains.index(domain)
+
+
+__all__ = ["MoEBertConfig"]

@@ -1,0 +1,543 @@
+"""MoE-BERT: a BERT encoder whose feed-forward blocks are split into one expert per domain.
+
+Routing is enforced, not learned: the domain of a sequence (its `domain_ids`, or the domain token right after
+`[CLS]`) picks one expert for every token of it, or, in token routing mode, `token_type_ids` pick an expert per
+token. Each token runs through exactly one expert, so a forward pass costs what the dense BERT costs.
+
+This file imports only torch, transformers and its configuration module, so the Hub can serve it with
+`trust_remote_code=True`.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import logging
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.bert.modeling_bert import (
+    BertAttention,
+    BertEmbeddings,
+    BertIntermediate,
+    BertLayer,
+    BertPreTrainedModel,
+)
+
+try:
+    from .configuration_moebert import MoEBertConfig, default_domain_token
+except ImportError:  # imported as a top-level module from a source checkout rather than from the Hub
+    from configuration_moebert import MoEBertConfig, default_domain_token
+
+EXPERT_FILE_FORMAT = "moebert-expert-v1"
+# A dense BERT parameter that an MoE layer holds per expert, and its name inside the MoE layer.
+_DENSE_TO_MOE = {
+    "intermediate.dense": "experts.{expert}.intermediate.dense",
+    "output.dense": "experts.{expert}.output",
+    "output.LayerNorm": "LayerNorm",
+}
+_DENSE_FFN_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(intermediate\.dense|output\.dense|output\.LayerNorm)\.(\w+)$")
+
+
+class MoEBertExpert(nn.Module):
+    """One domain's copy of a BERT feed-forward block: up-projection, activation, down-projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.intermediate = BertIntermediate(config)
+        self.output = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.output(self.intermediate(hidden_states))
+
+
+@dataclass
+class ExpertRouting:
+    """Which expert each token goes to, worked out once per forward pass and shared by all MoE layers.
+
+    Tokens are sorted by expert so that every expert runs once, as one matrix product, on its own rows.
+    """
+
+    order: torch.Tensor | None  # token positions sorted by expert; None when one expert takes every token
+    inverse: torch.Tensor | None
+    counts: list[int]  # tokens per expert, in expert order
+
+    @classmethod
+    def from_expert_ids(cls, expert_ids: torch.Tensor, num_experts: int) -> "ExpertRouting":
+        flat = expert_ids.reshape(-1)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()
+        if max(counts) == flat.numel():
+            return cls(order=None, inverse=None, counts=counts)
+        order = torch.argsort(flat, stable=True)
+        return cls(order=order, inverse=torch.argsort(order), counts=counts)
+
+    def dispatch(self, hidden_states: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
+        if self.order is None:
+            return experts[self.counts.index(max(self.counts))](hidden_states)
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        groups = flat.index_select(0, self.order).split(self.counts)
+        outputs = torch.cat([experts[e](group) for e, group in enumerate(groups) if group.shape[0]])
+        return outputs.index_select(0, self.inverse).view_as(hidden_states)
+
+
+class MoEBertLayer(GradientCheckpointingLayer):
+    """A BERT layer whose feed-forward block is one expert per domain; attention and LayerNorm are shared."""
+
+    def __init__(self, config, layer_idx=None):
+        super().__init__()
+        self.attention = BertAttention(config, layer_idx=layer_idx)
+        self.experts = nn.ModuleList(MoEBertExpert(config) for _ in range(config.num_experts))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states, attention_mask=None, routing: ExpertRouting = None, **kwargs):
+        attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        expert_output = routing.dispatch(attention_output, self.experts)
+        return self.LayerNorm(self.dropout(expert_output) + attention_output)
+
+
+class MoEBertEncoder(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            MoEBertLayer(config, layer_idx=i) if i in config.moe_layers else BertLayer(config, layer_idx=i)
+            for i in range(config.num_hidden_layers)
+        )
+
+    def forward(self, hidden_states, attention_mask, routing, output_hidden_states=False, **kwargs):
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for layer in self.layer:
+            if isinstance(layer, MoEBertLayer):
+                hidden_states = layer(hidden_states, attention_mask, routing=routing, **kwargs)
+            else:
+                hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states
+
+
+class MoEBertPreTrainedModel(BertPreTrainedModel):
+    config_class = MoEBertConfig
+    config: MoEBertConfig
+    base_model_prefix = "moebert"
+    _no_split_modules = ["BertEmbeddings", "BertLayer", "MoEBertLayer"]
+    _can_record_outputs = None
+
+
+class MoEBertModel(MoEBertPreTrainedModel):
+    """BERT encoder with domain experts. Returns `last_hidden_state` and a pooled sentence embedding
+    (`pooler_output`: mean over non-padding tokens by default)."""
+
+    def __init__(self, config: MoEBertConfig):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = MoEBertEncoder(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value):
+        self.embeddings.word_embeddings = value
+
+    # ----------------------------------------------------------------------------------------------- forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        domain_ids: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ):
+        r"""
+        domain_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Sentence routing: the domain (index into `config.domains`) of each sequence. When left out, the domain
+            is read from the domain token right after `[CLS]`. Ignored in token routing mode, where
+            `token_type_ids` hold a domain per token.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        kwargs.pop("output_attentions", None)  # attention weights are not collected by this model
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+
+        expert_ids = self.expert_ids(input_ids, token_type_ids, domain_ids, shape)
+        routing = ExpertRouting.from_expert_ids(expert_ids, self.config.num_experts)
+        if self.config.routing_mode == "token":
+            token_type_ids = None  # they carried the routing; the embeddings keep the segment-0 vectors
+
+        embedding_output = self.embeddings(
+            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+        )
+        extended_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        sequence_output, all_hidden_states = self.encoder(
+            embedding_output, extended_mask, routing, output_hidden_states=output_hidden_states, **kwargs
+        )
+        pooled_output = self.pool(sequence_output, attention_mask)
+        if not return_dict:
+            return tuple(v for v in (sequence_output, pooled_output, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=all_hidden_states
+        )
+
+    def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.config.pooling == "cls":
+            return hidden_states[:, 0]
+        if attention_mask is None:
+            return hidden_states.mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+
+    # ----------------------------------------------------------------------------------------------- routing
+
+    def expert_ids(self, input_ids, token_type_ids, domain_ids, shape) -> torch.Tensor:
+        """The expert of every token, shape `(batch_size, seq_len)`."""
+        device = input_ids.device if input_ids is not None else self.device
+        if self.config.routing_mode == "token":
+            if token_type_ids is None:
+                raise ValueError(
+                    "Token routing needs token_type_ids: one domain index per token, "
+                    f"in 0..{len(self.config.domains) - 1} for {self.config.domains}."
+                )
+            domain_of_token = self._checked_domain_ids(token_type_ids, "token_type_ids")
+        else:
+            if domain_ids is None:
+                domain_ids = self.domain_ids_from_tokens(input_ids)
+            else:
+                domain_ids = self._checked_domain_ids(torch.as_tensor(domain_ids, device=device), "domain_ids")
+                if domain_ids.shape != (shape[0],):
+                    raise ValueError(
+                        f"domain_ids has shape {tuple(domain_ids.shape)}: expected one domain per sequence, "
+                        f"shape ({shape[0]},)."
+                    )
+            domain_of_token = domain_ids[:, None].expand(shape)
+        if self.config.num_experts == 1:
+            return torch.zeros(shape, dtype=torch.long, device=device)
+        return domain_of_token
+
+    def _checked_domain_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:
+        ids = ids.long()
+        num_domains = len(self.config.domains)
+        if ids.numel() and (ids.min() < 0 or ids.max() >= num_domains):
+            bad = sorted(set(ids[(ids < 0) | (ids >= num_domains)].tolist()))
+            raise ValueError(
+                f"{name} holds unknown domain ids {bad}: this model has {num_domains} domains "
+                f"{dict(enumerate(self.config.domains))}."
+            )
+        return ids
+
+    def domain_ids_from_tokens(self, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """The domain of each sequence, read from the domain token at position 1 (right after `[CLS]`)."""
+        known = dict(zip(self.config.domain_tokens, self.config.domains))
+        if input_ids is None or self.config.domain_token_ids is None:
+            raise ValueError(
+                "No domain given: pass domain_ids (one per sequence) or input_ids that start with a domain token "
+                f"after [CLS]; this model knows {known}."
+            )
+        token_ids = torch.tensor(self.config.domain_token_ids, device=input_ids.device)
+        if input_ids.shape[1] < 2:
+            raise ValueError("input_ids are too short to hold [CLS] followed by a domain token.")
+        matches = input_ids[:, 1, None] == token_ids[None, :]
+        missing = (~matches.any(dim=1)).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(
+                f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after [CLS]. "
+                f"Start each text with its domain token, e.g. '{self.config.domain_tokens[0]} ' + text, or pass "
+                f"domain_ids; this model knows {known}."
+            )
+        return matches.int().argmax(dim=1)
+
+    def domain_token(self, domain: str) -> str:
+        return self.config.domain_tokens[self.config.domain_index(domain)]
+
+    def prepend_domain_token(self, texts, domains):
+        """`'[CVD] ' + text` for each text and its domain name (a single name applies to all texts)."""
+        if isinstance(domains, str):
+            domains = [domains] * len(texts)
+        return [f"{self.domain_token(d)} {t}" for t, d in zip(texts, domains, strict=True)]
+
+    # -------------------------------------------------------------------------------- dense <-> MoE weights
+
+    def moe_key(self, dense_key: str, expert: int) -> str:
+        """The name in this model of a dense `BertModel` parameter, for the given expert."""
+        match = _DENSE_FFN_KEY.match(dense_key)
+        if not match or int(match[1]) not in self.config.moe_layers:
+            return dense_key
+        layer, part, param = match.groups()
+        return f"encoder.layer.{layer}.{_DENSE_TO_MOE[part].format(expert=expert)}.{param}"
+
+    def expert_state(self, expert: int) -> dict[str, torch.Tensor]:
+        """One expert's own tensors under their dense BERT names (`encoder.layer.<i>.output.dense.weight`, ...)."""
+        state = self.state_dict()
+        return {k: state[self.moe_key(k, expert)] for k in _dense_ffn_keys(self.config)}
+
+    def load_expert_state(self, expert: int, dense_state: dict[str, torch.Tensor]) -> None:
+        """Copy feed-forward weights given under dense BERT names into one expert."""
+        parameters = dict(self.named_parameters())
+        with torch.no_grad():
+            for key in _dense_ffn_keys(self.config):
+                parameters[self.moe_key(key, expert)].copy_(dense_state[key])
+
+    @classmethod
+    def from_bert(
+        cls,
+        model_name_or_path: str,
+        domains: list[str],
+        moe_layers="all",
+        routing_mode: str = "sentence",
+        pooling: str = "mean",
+        num_experts: int | None = None,
+        domain_tokens: list[str] | None = None,
+        **from_pretrained_kwargs,
+    ):
+        """Upcycle a dense BERT checkpoint (local folder or Hub id) into a MoE-BERT.
+
+        Every chosen layer's feed-forward block is copied into one expert per domain; embeddings, attention and
+        LayerNorms are shared. The domain tokens are added to the tokenizer, their embedding rows start as copies
+        of `[CLS]`. Right after this call every expert computes exactly what the base model computed.
+
+        Returns `(model, tokenizer)`.
+        """
+        config_dict, _ = BertConfig.get_config_dict(model_name_or_path, **from_pretrained_kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type == MoEBertConfig.model_type:
+            raise ValueError(
+                f"{model_name_or_path} is already a MoE-BERT: load it with "
+                "AutoModel.from_pretrained(path, trust_remote_code=True), and grow it with add_domain()."
+            )
+        if model_type != "bert":
+            raise ValueError(
+                f"{model_name_or_path} is a {model_type!r} model: MoE-BERT upcycles BERT checkpoints "
+                "(model_type 'bert', e.g. bert-base-uncased, allenai/scibert_scivocab_uncased)."
+            )
+        tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
+        base = _load_dense_bert(model_name_or_path, **from_pretrained_kwargs)
+        config = MoEBertConfig(
+            **_bert_fields(base.config),
+            domains=domains,
+            domain_tokens=domain_tokens,
+            num_experts=num_experts,
+            moe_layers=moe_layers,
+            routing_mode=routing_mode,
+            pooling=pooling,
+            base_model_name_or_path=str(model_name_or_path),
+        )
+        model = cls(config)
+        dense_state = base.state_dict()
+        model.load_state_dict(
+            {model.moe_key(k, e): v.clone() for k, v in dense_state.items() for e in range(config.num_experts)}
+        )
+        model.config.domain_token_ids = model._add_domain_tokens(tokenizer, config.domain_tokens)
+        return model, tokenizer
+
+    def _add_domain_tokens(self, tokenizer, tokens: list[str]) -> list[int]:
+        """Add the tokens to the tokenizer as special tokens; their embedding rows start as copies of `[CLS]`."""
+        clashes = [t for t in tokens if t in tokenizer.get_vocab()]
+        if clashes:
+            raise ValueError(f"domain tokens {clashes} are already in the tokenizer's vocabulary: choose other names.")
+        tokenizer.add_tokens(tokens, special_tokens=True)
+        old_size = self.get_input_embeddings().weight.shape[0]
+        self.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        self.config.vocab_size = len(tokenizer)
+        token_ids = tokenizer.convert_tokens_to_ids(tokens)
+        with torch.no_grad():
+            embeddings = self.get_input_embeddings().weight
+            embeddings[old_size:] = embeddings[tokenizer.cls_token_id]
+        return token_ids
+
+    def extract_expert(self, domain: str) -> BertModel:
+        """A plain `transformers.BertModel` equal to this model restricted to one domain (no custom code needed)."""
+        expert = self.config.expert_of_domain(self.config.domain_index(domain))
+        dense = BertModel(BertConfig(**_bert_fields(self.config)), add_pooling_layer=False)
+        state = self.state_dict()
+        dense.load_state_dict({k: state[self.moe_key(k, expert)].clone() for k in dense.state_dict()})
+        return dense.to(self.device, self.dtype).eval()
+
+    # ---------------------------------------------------------------------------------------- growing domains
+
+    def add_domain(self, name: str, tokenizer, init_from: str | None = None, token: str | None = None) -> int:
+        """Add a domain and its expert without touching the others; returns the new domain's index.
+
+        `init_from` is an existing domain (copy its experts) or a BERT checkpoint (copy its feed-forward blocks);
+        by default the base checkpoint this model was upcycled from. The domain token is added to `tokenizer`.
+        """
+        if name in self.config.domains:
+            raise ValueError(f"domain {name!r} already exists: this model knows {self.config.domains}.")
+        if self.config.num_experts > 1:
+            dense_state = self._feed_forward_source(init_from)
+            for layer in self.config.moe_layers:
+                self.encoder.layer[layer].experts.append(MoEBertExpert(self.config).to(self.device, self.dtype))
+            self.config.num_experts += 1
+            self.load_expert_state(self.config.num_experts - 1, dense_state)
+        token = token or default_domain_token(name)
+        (token_id,) = self._add_domain_tokens(tokenizer, [token])
+        self.config.domains.append(name)
+        self.config.domain_tokens.append(token)
+        self.config.domain_token_ids.append(token_id)
+        return len(self.config.domains) - 1
+
+    def _feed_forward_source(self, init_from: str | None) -> dict[str, torch.Tensor]:
+        if init_from in self.config.domains:
+            return self.expert_state(self.config.expert_of_domain(self.config.domain_index(init_from)))
+        path = init_from or self.config.base_model_name_or_path
+        if path is None:
+            raise ValueError("init_from is needed: name an existing domain or a BERT checkpoint.")
+        return _load_dense_bert(path).state_dict()
+
+    # ----------------------------------------------------------------------------------------- expert files
+
+    def save_expert(self, domain: str, path: str | os.PathLike) -> None:
+        """Write one domain's experts (and its domain-token embedding row) to their own safetensors file."""
+        from safetensors.torch import save_file
+
+        index = self.config.domain_index(domain)
+        expert_state = self.expert_state(self.config.expert_of_domain(index))
+        tensors = {k.removeprefix("encoder."): v.contiguous() for k, v in expert_state.items()}
+        if self.config.domain_token_ids is not None:
+            token_id = self.config.domain_token_ids[index]
+            tensors["domain_token_embedding"] = self.get_input_embeddings().weight[token_id].detach().clone()
+        metadata = {
+            "format": EXPERT_FILE_FORMAT,
+            "domain": domain,
+            "domain_token": self.config.domain_tokens[index],
+            "moe_layers": json.dumps(self.config.moe_layers),
+            "hidden_size": str(self.config.hidden_size),
+            "intermediate_size": str(self.config.intermediate_size),
+            "base_model_name_or_path": str(self.config.base_model_name_or_path),
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp_path = f"{path}.tmp"
+        save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp_path, metadata=metadata)
+        os.replace(tmp_path, path)
+
+    def load_expert(self, path: str | os.PathLike, tokenizer=None) -> str:
+        """Load a file written by `save_expert`; replaces that domain's experts, or adds the domain (then
+        `tokenizer` is needed, to add its token). Returns the domain name."""
+        tensors, metadata = _read_expert_file(path)
+        expected = {
+            "moe_layers": json.dumps(self.config.moe_layers),
+            "hidden_size": str(self.config.hidden_size),
+            "intermediate_size": str(self.config.intermediate_size),
+        }
+        mismatched = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: file {f}, model {m}" for k, (f, m) in mismatched.items())
+            raise ValueError(f"{path} does not fit this model ({details}): it was made for another base or layout.")
+        dense_state = {f"encoder.{k}": v for k, v in tensors.items()}
+        missing = sorted(set(_dense_ffn_keys(self.config)) - set(dense_state))
+        if missing:
+            raise ValueError(f"{path} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: not a complete expert file.")
+        domain = metadata["domain"]
+        if domain not in self.config.domains:
+            if tokenizer is None:
+                raise ValueError(f"{path} holds the new domain {domain!r}: pass tokenizer= so its token can be added.")
+            self.add_domain(domain, tokenizer, init_from=self.config.domains[0], token=metadata["domain_token"])
+        index = self.config.domain_index(domain)
+        self.load_expert_state(self.config.expert_of_domain(index), dense_state)
+        if "domain_token_embedding" in tensors and self.config.domain_token_ids is not None:
+            with torch.no_grad():
+                self.get_input_embeddings().weight[self.config.domain_token_ids[index]] = tensors["domain_token_embedding"]
+        return domain
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the files sentence-transformers reads."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            self._write_sentence_transformers_files(save_directory)
+
+    def _write_sentence_transformers_files(self, save_directory):
+        modules = [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        ]
+        pooling = {
+            "word_embedding_dimension": self.config.hidden_size,
+            "pooling_mode_cls_token": self.config.pooling == "cls",
+            "pooling_mode_mean_tokens": self.config.pooling == "mean",
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }
+        files = {
+            "modules.json": modules,
+            "1_Pooling/config.json": pooling,
+            "sentence_bert_config.json": {"max_seq_length": self.config.max_position_embeddings, "do_lower_case": False},
+        }
+        for name, content in files.items():
+            path = os.path.join(save_directory, name)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "w") as f:
+                json.dump(content, f, indent=2)
+
+
+def _load_dense_bert(model_name_or_path, **from_pretrained_kwargs) -> BertModel:
+    """The encoder of a BERT checkpoint; any pretraining heads in it are left behind on purpose, but a missing
+    encoder weight is an error rather than a silently random tensor."""
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # the load report would list the unused heads as if something were wrong
+    try:
+        model, info = BertModel.from_pretrained(
+            model_name_or_path, add_pooling_layer=False, output_loading_info=True, **from_pretrained_kwargs
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "error_msgs") and v}
+    if problems:
+        raise ValueError(f"{model_name_or_path} is not a complete BERT encoder checkpoint: {problems}")
+    return model
+
+
+def _bert_fields(config) -> dict:
+    """The plain BERT fields of a configuration, without model type, MoE fields or bookkeeping."""
+    drop = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"}
+    drop |= set(MoEBertConfig().to_dict()) - set(BertConfig().to_dict())
+    return {k: v for k, v in config.to_dict().items() if k not in drop}
+
+
+def _dense_ffn_keys(config) -> list[str]:
+    return [
+        f"encoder.layer.{layer}.{part}.{param}"
+        for layer in config.moe_layers
+        for part in ("intermediate.dense", "output.dense")
+        for param in ("weight", "bias")
+    ]
+
+
+def _read_expert_file(path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"expert file {path} not found.")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({error}): it may be truncated or corrupt; download it again."
+        ) from None
+    if metadata.get("format") != EXPERT_FILE_FORMAT:
+        raise ValueError(f"{path} is not a MoE-BERT expert file (metadata format {metadata.get('format')!r}).")
+    return tensors, metadata
+
+
+MoEBertConfig.register_for_auto_class()
+MoEBertModel.register_for_auto_class("AutoModel")
+
+__all__ = ["MoEBertModel", "MoEBertPreTrainedModel", "MoEBertLayer", "MoEBertExpert", "ExpertRouting"]
