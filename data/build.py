@@ -1,0 +1,176 @@
+"""Build co-citation pair datasets.
+
+    # from a local citation graph: papers (id, text, domain) and citations (citing, cited), csv/tsv/jsonl/parquet
+    python -m data.build graph --papers papers.parquet --citations citations.csv --output_dir my_pairs
+
+    # from PubMed (needs internet): one domain per query
+    python -m data.build pubmed --domain CVD --query '"cardiovascular diseases"[MeSH] AND 2015:2024[dp]' \
+        --output_dir cvd_pairs --cache_dir .pubmed_cache [--api_key KEY]
+
+    # the embedded sample, byte for byte, from ../shared/data/citeseer
+    python -m data.build citeseer
+
+Each writes `<output_dir>/<DOMAIN>/{train,valid,test}.parquet` and `summary.json`, and prints the summary.
+`--push_to_hub ORG/NAME` also publishes the pairs with a dataset card (one config per domain).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from data.cocitation import BuildOptions, build_pairs, format_summary, make_graph, read_table, write_pairs
+from data.loading import SAMPLE_DIR
+
+SHARED_CITESEER = Path(__file__).resolve().parents[2] / "shared" / "data" / "citeseer"
+
+
+def read_citeseer(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """CiteSeer with text: three lines per paper (id, title + abstract, label); `<cited> <citing>` per link."""
+    lines = (folder / "citeseer_texts.txt").read_text(encoding="utf-8").split("\n")
+    lines = lines[: len(lines) - len(lines) % 3]
+    papers = pd.DataFrame({"id": lines[0::3], "text": lines[1::3], "domain": lines[2::3]})
+    links = pd.read_csv(folder / "citeseer.cites", sep=r"\s+", header=None, names=["cited", "citing"], dtype=str)
+    return papers, links
+
+
+def build_and_write(papers, citations, options: BuildOptions, output_dir: Path, provenance: dict) -> dict:
+    tables, summary = build_pairs(make_graph(papers, citations), options)
+    summary = {"source": provenance} | summary
+    write_pairs(tables, summary, output_dir)
+    print(format_summary(summary))
+    print(f"\nwritten to {output_dir}/")
+    return summary
+
+
+SAMPLE_README = """# CiteSeer co-citation pairs (embedded sample)
+
+The default dataset of `train.py` and `eval.py`: pairs of computer-science abstracts labelled co-cited (1: both
+cited by a third paper of the collection) or not (0), one folder per subject label, which stand in for the
+paper's biomedical domains (CVD, COPD, ...). Files: `<DOMAIN>/{{train,valid,test}}.parquet` with columns `a`, `b`,
+`label`, `domain`, `paper_a`, `paper_b`, `cocitation_count`; `summary.json` holds the statistics below.
+
+Source: the CiteSeer collection of the LINQS group (Sen et al., "Collective classification in network data",
+AI Magazine 2008), in the text-attributed version distributed with the TAPE project (He et al., 2023): 3,186
+papers with title + abstract, 6 subject labels, 4,732 citation links. The collection states no separate data
+licence; cite both works when you use these pairs.
+
+Built with `python -m data.build citeseer` (the command rebuilds these files byte for byte from
+`../shared/data/citeseer`): split by paper, so no abstract of `test` or `valid` occurs in `train`; co-cited pairs
+across subject labels are left out; `valid` and `test` are balanced with random never-co-cited, non-citing pairs of
+the same split; `train` holds positives only (negatives come from the batch); seed {seed}.
+
+{table}
+"""
+
+
+def build_citeseer(source: Path, output_dir: Path, options: BuildOptions) -> dict:
+    papers, links = read_citeseer(source)
+    summary = build_and_write(papers, links, options, output_dir, {"kind": "citeseer", "files": "citeseer_texts.txt, citeseer.cites"})
+    (output_dir / "README.md").write_text(SAMPLE_README.format(seed=options.seed, table=format_summary(summary)))
+    return summary
+
+
+def build_pubmed(args, options: BuildOptions) -> dict:
+    from data.pubmed import PubMedClient, fetch_domain
+
+    client = PubMedClient(cache_dir=args.cache_dir, api_key=args.api_key, base_url=args.base_url, email=args.email)
+    papers, citations = fetch_domain(client, args.domain, args.query, max_papers=args.max_papers)
+    provenance = {"kind": "pubmed", "domain": args.domain, "query": args.query, "max_papers": args.max_papers}
+    return build_and_write(papers, citations, options, args.output_dir, provenance)
+
+
+def push_to_hub(output_dir: Path, summary: dict, repo_id: str, private: bool, token: str | None):
+    from datasets import load_dataset
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    api.upload_file(
+        path_or_fileobj=dataset_card(summary, repo_id).encode(),
+        path_in_repo="README.md",
+        repo_id=repo_id,
+        repo_type="dataset",
+    )
+    for domain in summary["domains"]:
+        files = {s: str(output_dir / domain / f"{s}.parquet") for s in ("train", "valid", "test")}
+        load_dataset("parquet", data_files=files).push_to_hub(repo_id, config_name=domain, token=token)
+    print(f"pushed to https://huggingface.co/datasets/{repo_id}")
+
+
+def dataset_card(summary: dict, repo_id: str) -> str:
+    source = summary["source"]
+    query = f"PubMed query: `{source['query']}`" if source.get("kind") == "pubmed" else f"Source: {source}"
+    options = summary["options"]
+    return f"""---
+license: other
+task_categories:
+- sentence-similarity
+tags:
+- co-citation
+- moebert
+---
+# {repo_id}
+
+Pairs of abstracts labelled co-cited (1: both cited by a third paper) or not (0), built with MoEBERT's
+`data/build.py`. Load one domain with `datasets.load_dataset("{repo_id}", "<DOMAIN>")`.
+
+{query}
+
+Split policy: `{options['split_by']}` ({'no abstract shared between splits' if options['split_by'] == 'paper' else
+'random pair split: abstracts may occur in several splits'}); `valid`/`test` balanced 50/50; train negatives per
+positive: {options['train_negatives']}; seed {options['seed']}.
+
+{format_summary(summary)}
+
+Licence: the abstracts keep their publishers' terms (PubMed abstracts are not all openly licensed; check them before
+redistribution). The pairing itself is released with no further restriction.
+"""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    graph = commands.add_parser("graph", help="from local papers and citations tables")
+    graph.add_argument("--papers", required=True, help="table with columns id, text, domain")
+    graph.add_argument("--citations", required=True, help="table with columns citing, cited")
+    pubmed = commands.add_parser("pubmed", help="fetch one domain from PubMed E-utilities")
+    pubmed.add_argument("--domain", required=True)
+    pubmed.add_argument("--query", required=True, help="esearch term, e.g. MeSH term, date range, free full text")
+    pubmed.add_argument("--max_papers", type=int, default=None)
+    pubmed.add_argument("--cache_dir", type=Path, default=Path(".pubmed_cache"))
+    pubmed.add_argument("--api_key", default=None, help="NCBI API key: 10 requests/s instead of 3")
+    pubmed.add_argument("--email", default=None)
+    pubmed.add_argument("--base_url", default="https://eutils.ncbi.nlm.nih.gov/entrez/eutils/")
+    citeseer = commands.add_parser("citeseer", help="rebuild the embedded sample")
+    citeseer.add_argument("--source", type=Path, default=SHARED_CITESEER)
+    for sub in (graph, pubmed, citeseer):
+        sub.add_argument("--output_dir", type=Path, default=SAMPLE_DIR if sub is citeseer else None, required=sub is not citeseer)
+        sub.add_argument("--split_by", choices=["paper", "pair"], default="paper")
+        sub.add_argument("--split_fractions", default="0.8,0.1,0.1", help="train,valid,test share of co-cited pairs")
+        sub.add_argument("--train_negatives", type=float, default=0.0, help="negatives per positive in train")
+        sub.add_argument("--seed", type=int, default=42)
+        sub.add_argument("--push_to_hub", metavar="ORG/NAME", default=None)
+        sub.add_argument("--hub_private_repo", action="store_true")
+        sub.add_argument("--hub_token", default=None)
+    args = parser.parse_args(argv)
+    options = BuildOptions(
+        split_by=args.split_by,
+        split_fractions=tuple(float(x) for x in args.split_fractions.split(",")),
+        train_negatives=args.train_negatives,
+        seed=args.seed,
+    )
+    if args.command == "graph":
+        provenance = {"kind": "graph", "papers": str(args.papers), "citations": str(args.citations)}
+        summary = build_and_write(read_table(args.papers), read_table(args.citations), options, args.output_dir, provenance)
+    elif args.command == "pubmed":
+        summary = build_pubmed(args, options)
+    else:
+        summary = build_citeseer(args.source, args.output_dir, options)
+    if args.push_to_hub:
+        push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub, args.hub_private_repo, args.hub_token)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,317 @@
+"""Build co-citation pair datasets from a citation graph.
+
+Two papers are *co-cited* when at least one paper cites both; the number of such papers is their
+`cocitation_count`. Positives are co-cited pairs; negatives are pairs never co-cited and not citing each other.
+A pair belongs to a domain when both papers do; pairs across domains are left out (the summary counts them).
+
+Splits do not leak by default (`split_by="paper"`): every paper lies in exactly one split and a pair is kept
+only within one, so no abstract of `test` is seen in training. Papers are laid out component by component of the
+co-citation graph (in breadth-first order inside a component) before the cut, so that few co-cited pairs straddle
+two splits. `split_by="pair"` reproduces the paper's random pair split, in which test abstracts also occur in
+training pairs; keep it for comparison with the published numbers only.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from scipy.sparse.csgraph import breadth_first_order, connected_components
+
+SPLITS = ("train", "valid", "test")
+PAIR_COLUMNS = ("a", "b", "label", "domain", "paper_a", "paper_b", "cocitation_count")
+
+
+@dataclass
+class BuildOptions:
+    split_by: str = "paper"  # "paper" (no leakage) or "pair" (the paper's random pair split)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # of co-cited pairs, per domain
+    train_negatives: float = 0.0  # negatives per positive in train; valid and test are always 50/50
+    min_cocitations: int = 1
+    seed: int = 42
+
+    def __post_init__(self):
+        if self.split_by not in ("paper", "pair"):
+            raise ValueError(f"split_by={self.split_by!r}: choose 'paper' (no leakage) or 'pair'.")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6:
+            raise ValueError(f"split_fractions {self.split_fractions} must be three numbers that sum to 1.")
+
+
+@dataclass
+class CitationGraph:
+    """Papers with text and domain, indexed 0..n-1, and the citation links among all known ids."""
+
+    paper_ids: np.ndarray  # str ids of papers with text
+    texts: np.ndarray
+    domains: np.ndarray
+    citing: np.ndarray  # index into `all_ids` of the citing paper (which may have no text)
+    cited: np.ndarray  # index into paper_ids of the cited paper
+    stats: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------- reading tables
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    path = Path(path)
+    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet}
+    if path.suffix in (".jsonl", ".json"):
+        return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
+    if path.suffix not in readers:
+        raise ValueError(f"{path}: unsupported table format {path.suffix!r}; use .csv, .tsv, .jsonl or .parquet.")
+    return readers[path.suffix](path, **({"dtype": str} if path.suffix in (".csv", ".tsv") else {}))
+
+
+def _require_columns(table: pd.DataFrame, columns: tuple, what: str):
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ValueError(f"the {what} table lacks columns {missing}; it has {list(table.columns)}.")
+
+
+def make_graph(papers: pd.DataFrame, citations: pd.DataFrame) -> CitationGraph:
+    """Validate the two tables and index them. Papers: `id`, `text`, `domain`. Citations: `citing`, `cited`."""
+    _require_columns(papers, ("id", "text", "domain"), "papers")
+    _require_columns(citations, ("citing", "cited"), "citations")
+    papers = papers.assign(id=papers["id"].astype(str), text=papers["text"].fillna("").astype(str).str.strip())
+    empty = papers["text"] == ""
+    duplicated = papers["id"].duplicated()
+    if duplicated.any():
+        raise ValueError(f"paper ids occur more than once: {papers['id'][duplicated].unique()[:5].tolist()}.")
+    papers = papers[~empty].reset_index(drop=True)
+    index = pd.Series(np.arange(len(papers)), index=papers["id"])
+
+    citing = citations["citing"].astype(str)
+    cited = citations["cited"].astype(str)
+    self_links = citing == cited
+    known_cited = cited.isin(index.index)
+    links = pd.DataFrame({"citing": citing, "cited": cited})[known_cited & ~self_links].drop_duplicates()
+    all_ids = pd.Index(pd.concat([papers["id"], links["citing"]]).unique())
+    stats = {
+        "papers": int(len(papers)),
+        "papers_without_text_dropped": int(empty.sum()),
+        "citation_links": int(len(citations)),
+        "self_citations_dropped": int(self_links.sum()),
+        "links_to_papers_without_text_dropped": int((~known_cited & ~self_links).sum()),
+        "duplicate_links_dropped": int((known_cited & ~self_links).sum() - len(links)),
+    }
+    return CitationGraph(
+        paper_ids=papers["id"].to_numpy(),
+        texts=papers["text"].to_numpy(),
+        domains=papers["domain"].astype(str).to_numpy(),
+        citing=all_ids.get_indexer(links["citing"]),
+        cited=index[links["cited"]].to_numpy(),
+        stats=stats | {"citing_papers": int(links["citing"].nunique())},
+    )
+
+
+# --------------------------------------------------------------------------------------------- co-citation
+
+
+def cocitation_matrix(graph: CitationGraph) -> sp.csr_matrix:
+    """Upper triangle of C^T C: entry (i, j), i < j, counts the papers citing both i and j."""
+    n_citing = int(graph.citing.max()) + 1 if len(graph.citing) else 0
+    n = len(graph.paper_ids)
+    cites = sp.csr_matrix(
+        (np.ones(len(graph.citing), dtype=np.int32), (graph.citing, graph.cited)), shape=(n_citing, n)
+    )
+    return sp.triu(cites.T @ cites, k=1).tocsr()
+
+
+def direct_link_keys(graph: CitationGraph) -> np.ndarray:
+    """Keys of pairs (i < j) of papers with text where one cites the other."""
+    n = len(graph.paper_ids)
+    among_papers = graph.citing < n  # papers with text come first in the index of citing ids
+    i, j = graph.citing[among_papers], graph.cited[among_papers]
+    return _pair_keys(np.minimum(i, j), np.maximum(i, j), n)
+
+
+def _pair_keys(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
+    return i.astype(np.int64) * n + j.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------- splitting
+
+
+def split_papers(rows, cols, papers: np.ndarray, fractions, rng) -> np.ndarray:
+    """Assign each paper of one domain to a split (0 train, 1 valid, 2 test).
+
+    The papers are laid out component by component of the co-citation graph (in a random order of components,
+    breadth-first inside each), so that co-cited papers sit close together. Then `test` takes the shortest tail of
+    that layout holding its share of the pairs within it, and `valid` the shortest stretch before that; `train`
+    keeps the rest. Pairs that straddle two splits are dropped: the price of splits that share no abstract.
+    """
+    m = len(papers)
+    local = np.full(int(papers.max()) + 1 if m else 0, -1, dtype=np.int64)
+    local[papers] = np.arange(m)
+    li, lj = local[rows], local[cols]
+    position = np.empty(m, dtype=np.int64)
+    position[_component_layout(li, lj, m, rng)] = np.arange(m)
+    first, last = np.minimum(position[li], position[lj]), np.maximum(position[li], position[lj])
+    test_start = _tail_start(first, fractions[2] * len(li), end=m)
+    valid_start = _tail_start(first[last < test_start], fractions[1] * len(li), end=test_start)
+    return np.searchsorted(np.array([valid_start, test_start]), position, side="right")
+
+
+def _tail_start(first: np.ndarray, wanted: float, end: int) -> int:
+    """The latest layout position from which at least `wanted` of these pairs (given by the position of their
+    earlier paper) lie inside the tail ending at `end`; all of them if there are fewer."""
+    wanted = min(int(np.ceil(wanted)), len(first))
+    return int(np.sort(first)[len(first) - wanted]) if wanted else end
+
+
+def _component_layout(li, lj, m, rng) -> np.ndarray:
+    adjacency = sp.csr_matrix((np.ones(len(li), dtype=np.int8), (li, lj)), shape=(m, m))
+    adjacency = (adjacency + adjacency.T).tocsr()
+    n_components, component = connected_components(adjacency, directed=False)
+    by_component = np.argsort(component, kind="stable")
+    members_of = np.split(by_component, np.flatnonzero(np.diff(component[by_component])) + 1)
+    order = []
+    for c in rng.permutation(n_components):
+        members = members_of[c]
+        if len(members) > 1:
+            start = members[rng.integers(len(members))]
+            members = breadth_first_order(adjacency, start, directed=False, return_predecessors=False)
+        order.append(members)
+    return np.concatenate(order) if order else np.array([], dtype=np.int64)
+
+
+def sample_negatives(papers: np.ndarray, count: int, forbidden: np.ndarray, n: int, rng) -> np.ndarray:
+    """`count` distinct random pairs (i < j) of the given papers whose key `i * n + j` is not in the sorted array
+    `forbidden` (co-cited or directly linked pairs, and negatives already drawn)."""
+    if count == 0:
+        return np.zeros((0, 2), dtype=np.int64)
+    chosen = np.zeros(0, dtype=np.int64)
+    for _ in range(50):
+        draw = papers[rng.integers(0, len(papers), size=(2 * (count - len(chosen)) + 16, 2))]
+        i, j = draw.min(axis=1), draw.max(axis=1)
+        keys = _pair_keys(i, j, n)[i != j]
+        keys = keys[~_contains(forbidden, keys) & ~np.isin(keys, chosen)]
+        _, first = np.unique(keys, return_index=True)
+        chosen = np.concatenate([chosen, keys[np.sort(first)]])[:count]
+        if len(chosen) == count:
+            return np.stack([chosen // n, chosen % n], axis=1)
+    raise ValueError(
+        f"could not find {count} negative pairs among {len(papers)} papers: too few pairs are never co-cited."
+    )
+
+
+def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    where = np.searchsorted(sorted_keys, keys)
+    return (where < len(sorted_keys)) & (sorted_keys[np.minimum(where, len(sorted_keys) - 1)] == keys)
+
+
+# --------------------------------------------------------------------------------------------- building
+
+
+def build_pairs(graph: CitationGraph, options: BuildOptions = BuildOptions()) -> tuple[dict, dict]:
+    """Per-domain pair tables {domain: {split: pyarrow.Table}} and a summary."""
+    rng = np.random.default_rng(options.seed)
+    n = len(graph.paper_ids)
+    counts = cocitation_matrix(graph).tocoo()
+    keep = counts.data >= options.min_cocitations
+    rows, cols, values = counts.row[keep], counts.col[keep], counts.data[keep]
+    forbidden = np.union1d(_pair_keys(counts.row, counts.col, n), direct_link_keys(graph))
+    same_domain = graph.domains[rows] == graph.domains[cols]
+    summary = {
+        "graph": graph.stats,
+        "options": {k: v for k, v in vars(options).items()},
+        "cocited_pairs": int(len(rows)),
+        "cross_domain_pairs_left_out": int((~same_domain).sum()),
+        "domains": {},
+    }
+    tables = {}
+    for domain in sorted(set(graph.domains.tolist())):
+        in_domain = same_domain & (graph.domains[rows] == domain)
+        papers = np.flatnonzero(graph.domains == domain)
+        tables[domain], summary["domains"][domain], forbidden = _build_domain(
+            graph, domain, papers, rows[in_domain], cols[in_domain], values[in_domain], forbidden, options, rng
+        )
+    return tables, summary
+
+
+def _build_domain(graph, domain, papers, rows, cols, values, forbidden, options, rng):
+    n = len(graph.paper_ids)
+    if options.split_by == "paper":
+        paper_split = np.full(n, -1)
+        paper_split[papers] = split_papers(rows, cols, papers, options.split_fractions, rng)
+        pair_split = np.where(paper_split[rows] == paper_split[cols], paper_split[rows], -1)
+        split_papers_of = {s: papers[paper_split[papers] == s] for s in range(3)}
+    else:
+        pair_split = rng.choice(3, size=len(rows), p=list(options.split_fractions))
+        split_papers_of = {s: papers for s in range(3)}
+    tables, stats = {}, {"papers": int(len(papers)), "straddling_pairs_dropped": int((pair_split < 0).sum())}
+    for s, split in enumerate(SPLITS):
+        mine = pair_split == s
+        positives = np.stack([rows[mine], cols[mine]], axis=1)
+        ratio = options.train_negatives if split == "train" else 1.0
+        negatives = sample_negatives(split_papers_of[s], int(round(ratio * len(positives))), forbidden, n, rng)
+        if len(negatives):  # no pair twice, also across splits
+            forbidden = np.union1d(forbidden, _pair_keys(negatives[:, 0], negatives[:, 1], n))
+        pairs = np.concatenate([positives, negatives])
+        labels = np.concatenate([np.ones(len(positives), dtype=np.int64), np.zeros(len(negatives), dtype=np.int64)])
+        cocitations = np.concatenate([values[mine], np.zeros(len(negatives), dtype=values.dtype)])
+        shuffle = rng.permutation(len(pairs))
+        tables[split] = _pair_table(graph, domain, pairs[shuffle], labels[shuffle], cocitations[shuffle])
+        stats[split] = {
+            "pairs": int(len(pairs)),
+            "positives": int(len(positives)),
+            "negatives": int(len(negatives)),
+            "papers": int(len(np.unique(pairs))) if len(pairs) else 0,
+        }
+    return tables, stats, forbidden
+
+
+def _pair_table(graph, domain, pairs, labels, cocitations) -> pa.Table:
+    a, b = pairs[:, 0], pairs[:, 1]
+    return pa.table(
+        {
+            "a": pa.array(graph.texts[a].tolist(), pa.string()),
+            "b": pa.array(graph.texts[b].tolist(), pa.string()),
+            "label": pa.array(labels, pa.int64()),
+            "domain": pa.array([domain] * len(pairs), pa.string()),
+            "paper_a": pa.array(graph.paper_ids[a].tolist(), pa.string()),
+            "paper_b": pa.array(graph.paper_ids[b].tolist(), pa.string()),
+            "cocitation_count": pa.array(cocitations, pa.int64()),
+        }
+    )
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+def write_pairs(tables: dict, summary: dict, output_dir: str | Path) -> None:
+    """`<output_dir>/<domain>/<split>.parquet` and `summary.json`; the same input gives the same bytes."""
+    output_dir = Path(output_dir)
+    for domain, splits in tables.items():
+        (output_dir / domain).mkdir(parents=True, exist_ok=True)
+        for split, table in splits.items():
+            pq.write_table(table, output_dir / domain / f"{split}.parquet", compression="zstd")
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, tuple):
+        return list(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def format_summary(summary: dict) -> str:
+    """A markdown table of pairs per domain and split."""
+    lines = [
+        "| domain | papers | " + " | ".join(f"{s} pairs (pos/neg)" for s in SPLITS) + " | pairs dropped across splits |",
+        "|---|---|" + "---|" * len(SPLITS) + "---|",
+    ]
+    for domain, stats in summary["domains"].items():
+        cells = [f"{stats[s]['pairs']} ({stats[s]['positives']}/{stats[s]['negatives']})" for s in SPLITS]
+        lines.append(f"| {domain} | {stats['papers']} | " + " | ".join(cells) + f" | {stats['straddling_pairs_dropped']} |")
+    lines.append(
+        f"\n{summary['cocited_pairs']} co-cited pairs in the graph; {summary['cross_domain_pairs_left_out']} cross-domain "
+        "pairs left out."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,102 @@
+"""Load pair datasets bound to domains, the one loader train.py and eval.py share.
+
+A source is a Hub dataset id (e.g. `GleghornLab/abstract_domain_cvd`), a folder written by
+`DatasetDict.save_to_disk`, or a folder of per-split files `train.parquet` / `valid.csv` / `test.jsonl` ...
+Every split holds the columns `a`, `b` (two abstracts) and `label` (1 co-cited, 0 not).
+"""
+
+from pathlib import Path
+
+from datasets import DatasetDict, load_dataset, load_from_disk
+
+SAMPLE_DIR = Path(__file__).resolve().parent / "citeseer"
+SPLITS = ("train", "valid", "test")
+REQUIRED_COLUMNS = ("a", "b", "label")
+FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be used as given; the message names the problem and the fix."""
+
+
+def sample_specs() -> dict[str, str]:
+    """The embedded CiteSeer sample: one domain per folder of `data/citeseer/`."""
+    return {d.name: str(d) for d in sorted(SAMPLE_DIR.iterdir()) if d.is_dir()}
+
+
+def parse_dataset_specs(specs: list[str] | None) -> dict[str, str]:
+    """`["CVD=GleghornLab/abstract_domain_cvd", "COPD=path/to/folder"]` -> {domain: source}; none -> the sample."""
+    if not specs:
+        return sample_specs()
+    parsed = {}
+    for spec in specs:
+        domain, sep, source = spec.partition("=")
+        if not sep or not domain.strip() or not source.strip():
+            raise DatasetError(f"--dataset {spec!r}: write DOMAIN=SOURCE, e.g. CVD=GleghornLab/abstract_domain_cvd.")
+        if domain in parsed:
+            raise DatasetError(f"--dataset names domain {domain!r} twice.")
+        parsed[domain.strip()] = source.strip()
+    return parsed
+
+
+def load_domain_dataset(source: str, splits=SPLITS, domain: str | None = None) -> DatasetDict:
+    """Load and validate one domain's dataset; raises `DatasetError` naming what is missing."""
+    label = f"dataset {source!r}" + (f" (domain {domain})" if domain else "")
+    path = Path(source)
+    if path.is_dir() and (path / "dataset_dict.json").exists():
+        dataset = load_from_disk(str(path))
+    elif path.is_dir():
+        dataset = _load_split_files(path, label)
+    elif path.exists():
+        raise DatasetError(f"{label} is a file: give a folder holding one file per split (train.parquet, ...).")
+    else:
+        try:
+            dataset = load_dataset(source)
+        except Exception as error:  # the hub client raises many kinds; all mean "not loadable"
+            raise DatasetError(
+                f"{label} is not a local folder and could not be loaded from the Hub ({type(error).__name__}: "
+                f"{error}). Check the id, your network, or pass a local folder."
+            ) from None
+    return validate_pairs(DatasetDict({s: dataset[s] for s in dataset}), splits, label)
+
+
+def _load_split_files(folder: Path, label: str) -> DatasetDict:
+    files = {f.stem: f for f in sorted(folder.iterdir()) if f.suffix in FILE_BUILDERS and f.stem in SPLITS}
+    if not files:
+        raise DatasetError(
+            f"{label}: no split files found in {folder}; expected train/valid/test with a suffix of {list(FILE_BUILDERS)}."
+        )
+    builders = {FILE_BUILDERS[f.suffix] for f in files.values()}
+    if len(builders) > 1:
+        raise DatasetError(f"{label}: split files mix formats {sorted(builders)}; use one format.")
+    builder = builders.pop()
+    # one split at a time, so that a split with other columns reaches validate_pairs and its clear message
+    return DatasetDict({s: load_dataset(builder, data_files={s: str(f)}, split=s) for s, f in files.items()})
+
+
+def validate_pairs(dataset: DatasetDict, splits, label: str) -> DatasetDict:
+    missing_splits = [s for s in splits if s not in dataset]
+    if missing_splits:
+        raise DatasetError(f"{label} lacks splits {missing_splits}; it has {list(dataset)}.")
+    for split in splits:
+        columns = dataset[split].column_names
+        missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+        if missing:
+            raise DatasetError(f"{label}, split {split!r}, lacks columns {missing}; it has {columns}.")
+        _check_rows(dataset[split], f"{label}, split {split!r}")
+    return DatasetDict({s: dataset[s] for s in splits})
+
+
+def _check_rows(split, where: str):
+    labels = split["label"]
+    bad_labels = sorted({v for v in labels if v not in (0, 1)}, key=str)
+    if bad_labels:
+        raise DatasetError(f"{where}: label must be 0 or 1, found {bad_labels[:5]}.")
+    for column in ("a", "b"):
+        empty = [i for i, text in enumerate(split[column]) if not isinstance(text, str) or not text.strip()]
+        if empty:
+            raise DatasetError(f"{where}: {len(empty)} rows have an empty or missing '{column}' text (rows {empty[:5]}).")
+
+
+def load_domain_datasets(specs: dict[str, str], splits=SPLITS) -> dict[str, DatasetDict]:
+    return {domain: load_domain_dataset(source, splits, domain) for domain, source in specs.items()}

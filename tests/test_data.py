@@ -1,0 +1,186 @@
+import filecmp
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import ROOT
+
+from data.build import SHARED_CITESEER, build_citeseer
+from data.cocitation import BuildOptions, build_pairs, cocitation_matrix, make_graph, write_pairs
+from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs, sample_specs
+
+
+def hand_made_graph():
+    papers = pd.DataFrame(
+        {
+            "id": [f"P{i}" for i in range(1, 8)] + ["P8"],
+            "text": [f"abstract {i}" for i in range(1, 8)] + ["  "],
+            "domain": ["X"] * 6 + ["Y", "X"],
+        }
+    )
+    citations = pd.DataFrame(
+        [
+            ("C1", "P1"), ("C1", "P2"), ("C1", "P3"),  # C1 (no text) co-cites 1, 2, 3
+            ("C2", "P1"), ("C2", "P2"), ("C2", "P2"),  # C2 co-cites 1, 2 again; a duplicate link
+            ("P4", "P5"),  # a direct citation, not a co-citation
+            ("P6", "P1"), ("P6", "P7"),  # co-citation across domains X and Y
+            ("P3", "P3"),  # self-citation
+            ("P5", "UNKNOWN"), ("P5", "P8"),  # cited papers without text
+        ],
+        columns=["citing", "cited"],
+    )
+    return make_graph(papers, citations)
+
+
+def test_cocitation_counts_on_a_hand_made_graph():
+    graph = hand_made_graph()
+    coo = cocitation_matrix(graph).tocoo()
+    found = {(graph.paper_ids[i], graph.paper_ids[j]): int(v) for i, j, v in zip(coo.row, coo.col, coo.data)}
+    assert found == {("P1", "P2"): 2, ("P1", "P3"): 1, ("P2", "P3"): 1, ("P1", "P7"): 1}
+    assert graph.stats["self_citations_dropped"] == 1
+    assert graph.stats["links_to_papers_without_text_dropped"] == 2
+    assert graph.stats["duplicate_links_dropped"] == 1
+    assert graph.stats["papers_without_text_dropped"] == 1
+
+
+def test_positives_and_negatives_on_a_hand_made_graph():
+    options = BuildOptions(split_fractions=(1.0, 0.0, 0.0), train_negatives=2.0, seed=3)
+    tables, summary = build_pairs(hand_made_graph(), options)
+    train = tables["X"]["train"].to_pandas()
+    positives = train[train.label == 1]
+    assert sorted(zip(positives.paper_a, positives.paper_b, positives.cocitation_count)) == [
+        ("P1", "P2", 2), ("P1", "P3", 1), ("P2", "P3", 1)
+    ]
+    negatives = train[train.label == 0]
+    assert len(negatives) == 6
+    never_allowed = {("P1", "P2"), ("P1", "P3"), ("P2", "P3"), ("P4", "P5"), ("P1", "P6")}
+    pairs = set(zip(negatives.paper_a, negatives.paper_b))
+    assert len(pairs) == 6 and not pairs & never_allowed
+    assert all(a < b for a, b in pairs) and set(negatives.cocitation_count) == {0}
+    assert summary["cross_domain_pairs_left_out"] == 1
+    assert len(tables["Y"]["train"]) == 0
+    assert (train.a == "abstract " + train.paper_a.str[1:]).all()
+
+
+def random_graph(n_papers=600, n_citing=300, seed=0):
+    rng = np.random.default_rng(seed)
+    papers = pd.DataFrame(
+        {"id": [f"p{i}" for i in range(n_papers)], "text": [f"text {i}" for i in range(n_papers)],
+         "domain": rng.choice(["A", "B"], n_papers)}
+    )
+    citing = [f"c{k}" for k in range(n_citing) for _ in range(6)]
+    cited = [f"p{i}" for i in rng.integers(0, n_papers, 6 * n_citing)]
+    return papers, pd.DataFrame({"citing": citing, "cited": cited})
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_paper_split_shares_no_paper_and_balances_eval_splits(seed):
+    tables, summary = build_pairs(make_graph(*random_graph(seed=seed)), BuildOptions(seed=seed))
+    for domain, splits in tables.items():
+        papers = {s: set(t["paper_a"].to_pylist()) | set(t["paper_b"].to_pylist()) for s, t in splits.items()}
+        assert not papers["train"] & papers["test"]
+        assert not papers["train"] & papers["valid"]
+        assert not papers["valid"] & papers["test"]
+        for split in ("valid", "test"):
+            labels = splits[split]["label"].to_pylist()
+            assert labels.count(1) == labels.count(0) > 0
+        assert set(splits["train"]["label"].to_pylist()) == {1}
+        stats = summary["domains"][domain]
+        assert stats["valid"]["positives"] >= 0.1 * (stats["train"]["positives"] + stats["valid"]["positives"])
+
+
+def test_pair_split_reproduces_the_leaky_random_split():
+    tables, _ = build_pairs(make_graph(*random_graph()), BuildOptions(split_by="pair"))
+    splits = tables["A"]
+    train = set(splits["train"]["paper_a"].to_pylist()) | set(splits["train"]["paper_b"].to_pylist())
+    test = set(splits["test"]["paper_a"].to_pylist()) | set(splits["test"]["paper_b"].to_pylist())
+    assert train & test  # documented: abstracts leak across splits in this mode
+
+
+def test_build_is_deterministic(tmp_path):
+    graph = make_graph(*random_graph())
+    for name, seed in (("one", 7), ("two", 7), ("three", 8)):
+        write_pairs(*build_pairs(graph, BuildOptions(seed=seed)), tmp_path / name)
+    same = filecmp.cmp(tmp_path / "one/A/test.parquet", tmp_path / "two/A/test.parquet", shallow=False)
+    other = filecmp.cmp(tmp_path / "one/A/test.parquet", tmp_path / "three/A/test.parquet", shallow=False)
+    assert same and not other
+
+
+def test_make_graph_names_missing_columns():
+    papers, citations = random_graph()
+    with pytest.raises(ValueError, match=r"papers table lacks columns \['domain'\]"):
+        make_graph(papers.drop(columns="domain"), citations)
+    with pytest.raises(ValueError, match=r"citations table lacks columns \['cited'\]"):
+        make_graph(papers, citations.rename(columns={"cited": "target"}))
+    with pytest.raises(ValueError, match="paper ids occur more than once"):
+        make_graph(pd.concat([papers, papers.head(1)]), citations)
+
+
+@pytest.mark.skipif(not SHARED_CITESEER.exists(), reason="../shared/data/citeseer is not beside this checkout")
+def test_sample_rebuilds_byte_for_byte(tmp_path):
+    build_citeseer(SHARED_CITESEER, tmp_path, BuildOptions())
+    committed = ROOT / "data" / "citeseer"
+    files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file())
+    assert len(files) == 6 * 3 + 2
+    for name in files:
+        assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def test_sample_loads_with_all_splits():
+    specs = parse_dataset_specs(None)
+    assert specs == sample_specs() and sorted(specs) == ["AI", "Agents", "DB", "HCI", "IR", "ML"]
+    dataset = load_domain_dataset(specs["IR"], domain="IR")
+    assert set(dataset) == {"train", "valid", "test"}
+    assert {"a", "b", "label"} <= set(dataset["test"].column_names)
+
+
+def _write_splits(folder: Path, frames: dict, suffix=".csv"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, frame in frames.items():
+        if suffix == ".csv":
+            frame.to_csv(folder / f"{split}.csv", index=False)
+        else:
+            frame.to_json(folder / f"{split}.jsonl", orient="records", lines=True)
+
+
+GOOD = pd.DataFrame({"a": ["x one", "y two"], "b": ["x three", "z four"], "label": [1, 0]})
+
+
+def test_loader_reads_csv_jsonl_and_saved_folders(tmp_path):
+    _write_splits(tmp_path / "csv", {s: GOOD for s in ("train", "valid", "test")})
+    _write_splits(tmp_path / "jsonl", {s: GOOD for s in ("train", "valid", "test")}, suffix=".jsonl")
+    for folder in ("csv", "jsonl"):
+        dataset = load_domain_dataset(str(tmp_path / folder))
+        assert dataset["valid"]["label"] == [1, 0]
+    dataset.save_to_disk(str(tmp_path / "saved"))
+    assert load_domain_dataset(str(tmp_path / "saved"))["train"]["a"] == ["x one", "y two"]
+
+
+@pytest.mark.parametrize(
+    "frames, message",
+    [
+        ({"train": GOOD, "valid": GOOD}, r"lacks splits \['test'\]; it has \['train', 'valid'\]"),
+        ({"train": GOOD, "valid": GOOD, "test": GOOD.drop(columns="label")}, r"split 'test', lacks columns \['label'\]"),
+        ({"train": GOOD.assign(label=[1, 2]), "valid": GOOD, "test": GOOD}, r"label must be 0 or 1, found \[2\]"),
+        ({"train": GOOD.assign(b=["ok", " "]), "valid": GOOD, "test": GOOD}, r"1 rows have an empty or missing 'b' text"),
+    ],
+)
+def test_loader_names_what_is_wrong(tmp_path, frames, message):
+    _write_splits(tmp_path, frames)
+    with pytest.raises(DatasetError, match=message):
+        load_domain_dataset(str(tmp_path), domain="CVD")
+
+
+def test_loader_errors_for_bad_specs_and_unreachable_sources(tmp_path):
+    with pytest.raises(DatasetError, match="write DOMAIN=SOURCE"):
+        parse_dataset_specs(["CVD"])
+    with pytest.raises(DatasetError, match="names domain 'CVD' twice"):
+        parse_dataset_specs(["CVD=a", "CVD=b"])
+    with pytest.raises(DatasetError, match="could not be loaded from the Hub"):
+        load_domain_dataset("nobody/no_such_dataset_offline")
+    with pytest.raises(DatasetError, match="no split files found"):
+        load_domain_dataset(str(tmp_path))
