@@ -184,3 +184,22 @@ def test_loader_errors_for_bad_specs_and_unreachable_sources(tmp_path):
         load_domain_dataset("nobody/no_such_dataset_offline")
     with pytest.raises(DatasetError, match="no split files found"):
         load_domain_dataset(str(tmp_path))
+
+
+def test_build_command_writes_pairs_and_summary_from_tables(tmp_path, capsys):
+    from data.build import dataset_card, main
+
+    papers, citations = random_graph()
+    papers.to_parquet(tmp_path / "papers.parquet")
+    citations.to_csv(tmp_path / "citations.csv", index=False)
+    main(["graph", "--papers", str(tmp_path / "papers.parquet"), "--citations", str(tmp_path / "citations.csv"),
+          "--output_dir", str(tmp_path / "out"), "--train_negatives", "1"])
+    assert "| A |" in capsys.readouterr().out
+    dataset = load_domain_dataset(str(tmp_path / "out" / "A"))
+    assert set(dataset["train"]["label"]) == {0, 1}
+    import json
+
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["options"]["split_by"] == "paper"
+    card = dataset_card(summary, "org/pairs")
+    assert "no abstract shared between splits" in card and "| B |" in card
