@@ -1,6 +1,7 @@
 """Load pair datasets bound to domains, the one loader train.py and eval.py share.
 
-A source is a Hub dataset id (e.g. `GleghornLab/abstract_domain_cvd`), a folder written by
+A source is a Hub dataset id (e.g. `GleghornLab/abstract_domain_cvd`, or `ORG/NAME:CONFIG` for one config of a
+dataset pushed by `data.build --push_to_hub`), a folder written by
 `DatasetDict.save_to_disk`, or a folder of per-split files `train.parquet` / `valid.csv` / `test.jsonl` ...
 Every split holds the columns `a`, `b` (two abstracts) and `label` (1 co-cited, 0 not).
 """
@@ -50,8 +51,9 @@ def load_domain_dataset(source: str, splits=SPLITS, domain: str | None = None) -
     elif path.exists():
         raise DatasetError(f"{label} is a file: give a folder holding one file per split (train.parquet, ...).")
     else:
+        name, _, config = source.partition(":")  # "ORG/NAME:CONFIG" picks one config (domain) of a Hub dataset
         try:
-            dataset = load_dataset(source)
+            dataset = load_dataset(name, config or None)
         except Exception as error:  # the hub client raises many kinds; all mean "not loadable"
             raise DatasetError(
                 f"{label} is not a local folder and could not be loaded from the Hub ({type(error).__name__}: "

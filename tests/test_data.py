@@ -203,3 +203,45 @@ def test_build_command_writes_pairs_and_summary_from_tables(tmp_path, capsys):
     assert summary["options"]["split_by"] == "paper"
     card = dataset_card(summary, "org/pairs")
     assert "no abstract shared between splits" in card and "| B |" in card
+
+
+def test_push_to_hub_uploads_the_card_then_one_config_per_domain(tmp_path, monkeypatch):
+    from unittest import mock
+
+    import datasets
+    import huggingface_hub
+
+    from data.build import push_to_hub
+
+    tables, summary = build_pairs(make_graph(*random_graph()), BuildOptions())
+    write_pairs(tables, summary, tmp_path)
+    api = mock.MagicMock()
+    pushed = []
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda token=None: api)
+    monkeypatch.setattr(
+        datasets.DatasetDict, "push_to_hub", lambda self, repo, config_name, token: pushed.append((repo, config_name, dict(self.num_rows)))
+    )
+    summary = {"source": {"kind": "graph"}} | summary
+    push_to_hub(tmp_path, summary, "org/pairs", private=True, token="t")
+    api.create_repo.assert_called_once_with("org/pairs", repo_type="dataset", private=True, exist_ok=True)
+    card = api.upload_file.call_args.kwargs
+    assert card["path_in_repo"] == "README.md" and b"Split policy: `paper`" in card["path_or_fileobj"]
+    assert [(repo, config) for repo, config, _ in pushed] == [("org/pairs", "A"), ("org/pairs", "B")]
+    assert pushed[0][2] == {s: summary["domains"]["A"][s]["pairs"] for s in ("train", "valid", "test")}
+
+
+def test_hub_source_with_a_config_loads_that_config(monkeypatch):
+    import datasets
+
+    import data.loading
+
+    calls = []
+
+    def fake_load_dataset(name, config=None):
+        calls.append((name, config))
+        return datasets.DatasetDict({s: datasets.Dataset.from_pandas(GOOD) for s in ("train", "valid", "test")})
+
+    monkeypatch.setattr(data.loading, "load_dataset", fake_load_dataset)
+    load_domain_dataset("org/pairs:IR")
+    load_domain_dataset("GleghornLab/abstract_domain_cvd")
+    assert calls == [("org/pairs", "IR"), ("GleghornLab/abstract_domain_cvd", None)]

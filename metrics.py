@@ -1,0 +1,89 @@
+"""Metrics of how well a similarity score separates co-cited pairs (label 1) from random pairs (label 0).
+
+One implementation for `eval.py` and for the evaluation inside `train.py`. Threshold searches are exact: the scores
+are sorted once (by scikit-learn's curve functions) and every cut between two distinct scores is considered; a
+pair is predicted co-cited when its score is >= the threshold.
+"""
+
+import numpy as np
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+
+class OneClassError(ValueError):
+    """The labels hold a single class: F1max, ROC-AUC and thresholds mean nothing there."""
+
+
+def _checked(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
+    if scores.shape != labels.shape or scores.ndim != 1:
+        raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be two 1-d arrays of one length.")
+    classes = set(np.unique(labels).tolist())
+    if not classes <= {0, 1}:
+        raise ValueError(f"labels must be 0 or 1, found {sorted(classes)}.")
+    if len(classes) < 2:
+        raise OneClassError(
+            f"all {len(labels)} pairs have label {classes.pop() if classes else '-'}: threshold metrics need both "
+            "co-cited (1) and random (0) pairs."
+        )
+    return scores, labels
+
+
+def f1_max(scores, labels) -> dict:
+    """The best F1 over all thresholds, with its threshold, precision and recall."""
+    scores, labels = _checked(scores, labels)
+    precision, recall, thresholds = precision_recall_curve(labels, scores)
+    precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
+    best = int(np.argmax(f1))
+    return {
+        "f1_max": float(f1[best]),
+        "f1_max_threshold": float(thresholds[best]),
+        "precision_at_f1_max": float(precision[best]),
+        "recall_at_f1_max": float(recall[best]),
+    }
+
+
+def best_accuracy(scores, labels) -> dict:
+    """The best accuracy over all thresholds (predicting all pairs random included) and its threshold."""
+    scores, labels = _checked(scores, labels)
+    fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
+    positives, negatives = labels.sum(), len(labels) - labels.sum()
+    accuracy = (tpr * positives + (1 - fpr) * negatives) / len(labels)
+    best = int(np.argmax(accuracy))
+    return {"accuracy_max": float(accuracy[best]), "accuracy_max_threshold": float(thresholds[best])}
+
+
+def at_threshold(scores, labels, threshold: float) -> dict:
+    """F1, precision, recall and accuracy when pairs scoring >= `threshold` are called co-cited."""
+    scores, labels = _checked(scores, labels)
+    predicted = scores >= threshold
+    tp = int((predicted & (labels == 1)).sum())
+    precision = tp / predicted.sum() if predicted.any() else 0.0
+    recall = tp / labels.sum()
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"f1": f1, "precision": precision, "recall": recall, "accuracy": float((predicted == labels).mean())}
+
+
+def pair_metrics(scores, labels) -> dict:
+    """All threshold-free and best-threshold metrics of one split (the paper's protocol: the threshold is chosen
+    on the split it is scored on)."""
+    scores, labels = _checked(scores, labels)
+    mean_positive, mean_negative = float(scores[labels == 1].mean()), float(scores[labels == 0].mean())
+    return (
+        f1_max(scores, labels)
+        | best_accuracy(scores, labels)
+        | {
+            "roc_auc": float(roc_auc_score(labels, scores)),
+            "average_precision": float(average_precision_score(labels, scores)),
+            "mean_cosine_positive": mean_positive,
+            "mean_cosine_negative": mean_negative,
+            "cosine_ratio": mean_positive / mean_negative if mean_negative else float("inf"),
+        }
+    )
+
+
+def honest_metrics(valid_scores, valid_labels, test_scores, test_labels) -> dict:
+    """The honest protocol: the F1max threshold is chosen on `valid` and applied, unchanged, to `test`."""
+    threshold = f1_max(valid_scores, valid_labels)["f1_max_threshold"]
+    scored = at_threshold(test_scores, test_labels, threshold)
+    return {f"{name}_at_valid_threshold": value for name, value in scored.items()} | {"valid_threshold": threshold}
