@@ -2,7 +2,7 @@
 
     python benchmarks/bench_data.py [--papers 100000] [--links 1000000] [--domains 5]
 
-The graph mixes ordinary papers (about 8 references) with reviews (2% of citing papers, about 100 references,
+The graph mixes ordinary papers (about 10 references) with reviews (2% of citing papers, about 100 references,
 which produce most co-cited pairs), all papers cited with a long-tailed popularity. Texts are short generated
 strings, so the figures measure the graph work rather than copying long abstracts.
 """
@@ -31,9 +31,9 @@ def generated_graph(n_papers: int, n_links: int, n_domains: int, seed: int = 0):
             "domain": np.array([f"D{d}" for d in range(n_domains)])[rng.integers(0, n_domains, n_papers)],
         }
     )
-    # citing papers: 2% reviews with ~100 references, the rest ~8; trimmed to exactly n_links links
+    # citing papers: 2% reviews with ~100 references, the rest ~10; trimmed to exactly n_links links
     is_review = rng.random(n_papers) < 0.02
-    references = np.where(is_review, rng.poisson(100, n_papers), rng.poisson(8, n_papers))
+    references = np.where(is_review, rng.poisson(100, n_papers), rng.poisson(10, n_papers))
     citing = np.repeat(np.arange(n_papers), references)[:n_links]
     popularity = rng.pareto(1.5, n_papers) + 1
     cited = rng.choice(n_papers, size=len(citing), p=popularity / popularity.sum())

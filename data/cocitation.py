@@ -179,9 +179,9 @@ def _component_layout(li, lj, m, rng) -> np.ndarray:
     return np.concatenate(order) if order else np.array([], dtype=np.int64)
 
 
-def sample_negatives(papers: np.ndarray, count: int, forbidden: np.ndarray, n: int, rng) -> np.ndarray:
-    """`count` distinct random pairs (i < j) of the given papers whose key `i * n + j` is not in the sorted array
-    `forbidden` (co-cited or directly linked pairs, and negatives already drawn)."""
+def sample_negatives(papers: np.ndarray, count: int, forbidden: np.ndarray, drawn: np.ndarray, n: int, rng) -> np.ndarray:
+    """`count` distinct random pairs (i < j) of the given papers whose key `i * n + j` is neither in the sorted
+    array `forbidden` (co-cited or directly linked pairs) nor in `drawn` (negatives drawn before)."""
     if count == 0:
         return np.zeros((0, 2), dtype=np.int64)
     chosen = np.zeros(0, dtype=np.int64)
@@ -189,7 +189,7 @@ def sample_negatives(papers: np.ndarray, count: int, forbidden: np.ndarray, n: i
         draw = papers[rng.integers(0, len(papers), size=(2 * (count - len(chosen)) + 16, 2))]
         i, j = draw.min(axis=1), draw.max(axis=1)
         keys = _pair_keys(i, j, n)[i != j]
-        keys = keys[~_contains(forbidden, keys) & ~np.isin(keys, chosen)]
+        keys = keys[~_contains(forbidden, keys) & ~np.isin(keys, drawn) & ~np.isin(keys, chosen)]
         _, first = np.unique(keys, return_index=True)
         chosen = np.concatenate([chosen, keys[np.sort(first)]])[:count]
         if len(chosen) == count:
@@ -223,17 +223,17 @@ def build_pairs(graph: CitationGraph, options: BuildOptions = BuildOptions()) ->
         "cross_domain_pairs_left_out": int((~same_domain).sum()),
         "domains": {},
     }
-    tables = {}
+    tables, drawn = {}, np.zeros(0, dtype=np.int64)
     for domain in sorted(set(graph.domains.tolist())):
         in_domain = same_domain & (graph.domains[rows] == domain)
         papers = np.flatnonzero(graph.domains == domain)
-        tables[domain], summary["domains"][domain], forbidden = _build_domain(
-            graph, domain, papers, rows[in_domain], cols[in_domain], values[in_domain], forbidden, options, rng
+        tables[domain], summary["domains"][domain], drawn = _build_domain(
+            graph, domain, papers, rows[in_domain], cols[in_domain], values[in_domain], forbidden, drawn, options, rng
         )
     return tables, summary
 
 
-def _build_domain(graph, domain, papers, rows, cols, values, forbidden, options, rng):
+def _build_domain(graph, domain, papers, rows, cols, values, forbidden, drawn, options, rng):
     n = len(graph.paper_ids)
     if options.split_by == "paper":
         paper_split = np.full(n, -1)
@@ -248,9 +248,8 @@ def _build_domain(graph, domain, papers, rows, cols, values, forbidden, options,
         mine = pair_split == s
         positives = np.stack([rows[mine], cols[mine]], axis=1)
         ratio = options.train_negatives if split == "train" else 1.0
-        negatives = sample_negatives(split_papers_of[s], int(round(ratio * len(positives))), forbidden, n, rng)
-        if len(negatives):  # no pair twice, also across splits
-            forbidden = np.union1d(forbidden, _pair_keys(negatives[:, 0], negatives[:, 1], n))
+        negatives = sample_negatives(split_papers_of[s], int(round(ratio * len(positives))), forbidden, drawn, n, rng)
+        drawn = np.concatenate([drawn, _pair_keys(negatives[:, 0], negatives[:, 1], n)])  # no pair twice
         pairs = np.concatenate([positives, negatives])
         labels = np.concatenate([np.ones(len(positives), dtype=np.int64), np.zeros(len(negatives), dtype=np.int64)])
         cocitations = np.concatenate([values[mine], np.zeros(len(negatives), dtype=values.dtype)])
@@ -262,7 +261,7 @@ def _build_domain(graph, domain, papers, rows, cols, values, forbidden, options,
             "negatives": int(len(negatives)),
             "papers": int(len(np.unique(pairs))) if len(pairs) else 0,
         }
-    return tables, stats, forbidden
+    return tables, stats, drawn
 
 
 def _pair_table(graph, domain, pairs, labels, cocitations) -> pa.Table:
