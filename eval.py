@@ -39,13 +39,17 @@ def default_base() -> str:
 class TransformerEncoder:
     """A MoE-BERT (texts get their domain token) or a plain encoder (mean pooling over non-padding tokens)."""
 
-    def __init__(self, name_or_path: str, max_seq_length: int, batch_size: int):
+    def __init__(self, model, tokenizer, max_seq_length: int, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.is_moebert = getattr(model.config, "model_type", None) == "moebert"
+        self.max_seq_length, self.batch_size = max_seq_length, batch_size
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, max_seq_length: int, batch_size: int):
         from transformers import AutoModel, AutoTokenizer
 
-        self.model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
-        self.is_moebert = getattr(self.model.config, "model_type", None) == "moebert"
-        self.max_seq_length, self.batch_size = max_seq_length, batch_size
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
+        return cls(model, AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True), max_seq_length, batch_size)
 
     def fit(self, train_texts):
         pass
@@ -60,10 +64,10 @@ class TransformerEncoder:
             index = order[start : start + self.batch_size]
             batch = self.tokenizer(
                 [texts[i] for i in index], padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
-            )
+            ).to(self.model.device)
             with torch.inference_mode():
                 output = self.model(**batch)
-            vectors[index] = self._pool(output, batch["attention_mask"]).float().numpy()
+            vectors[index] = self._pool(output, batch["attention_mask"]).float().cpu().numpy()
         return vectors
 
     def _pool(self, output, attention_mask):
@@ -89,7 +93,9 @@ class TfidfEncoder:
 
 
 def load_encoder(spec: str, args):
-    return TfidfEncoder() if spec == "tfidf" else TransformerEncoder(spec, args.max_seq_length, args.batch_size)
+    if spec == "tfidf":
+        return TfidfEncoder()
+    return TransformerEncoder.from_pretrained(spec, args.max_seq_length, args.batch_size)
 
 
 def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
