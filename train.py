@@ -205,6 +205,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model), tokenizer, tmp / "model", card)
         os.replace(tmp, final)
@@ -233,6 +234,12 @@ def main(argv=None):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         **tracking,
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:  # each process would train alone and overwrite the others' files
+        raise SystemExit(
+            f"error: {launched} processes were launched but Accelerate sees {accelerator.num_processes}. On a machine "
+            "without GPUs, launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ..."
+        )
     set_seed(args.seed)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -100,3 +100,40 @@ def test_malformed_data_is_refused_before_training(tiny_bert, tmp_path):
         pd.DataFrame({"a": ["x"], "text_b": ["y"], "label": [1]}).to_csv(folder / f"{split}.csv", index=False)
     with pytest.raises(SystemExit, match=r"lacks columns \['b'\]"):
         train.main(["--model_name_or_path", tiny_bert, "--dataset", f"CVD={folder}", "--output_dir", str(tmp_path / "o")])
+
+
+def launch_two_processes(tiny_bert, tiny_data, output_dir, env):
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--main_process_port", "29533", str(train.Path(train.__file__)), "--model_name_or_path", tiny_bert,
+        "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
+        "--per_device_train_batch_size", "2", "--max_seq_length", "32", "--max_train_steps", "2",
+        "--checkpointing_steps", "1", "--output_dir", str(output_dir),
+    ]
+    environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"HF_HUB_OFFLINE": "1"} | env
+    return subprocess.run(command, env=environment, capture_output=True, text=True)
+
+
+def test_two_process_cpu_run_saves_checkpoints_that_automodel_loads(tiny_bert, tiny_data, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {"ACCELERATE_USE_CPU": "true"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    batch = tokenizer(["[CVD] " + TEXTS[0], "[COPD] " + TEXTS[1]], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        final = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()(**batch).pooler_output
+        saved = AutoModel.from_pretrained(checkpoint / "model", trust_remote_code=True).eval()(**batch).pooler_output
+    torch.testing.assert_close(saved, final, atol=0, rtol=0)
+
+
+def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tmp_path):
+    result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {})
+    assert result.returncode != 0
+    assert "2 processes were launched but Accelerate sees 1" in result.stderr + result.stdout
