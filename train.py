@@ -312,9 +312,10 @@ def main(argv=None):
                 continue
             step += 1
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            loss_value, lr = loss.item(), scheduler.get_last_lr()[0]  # one device sync per step
+            progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
             if args.with_tracking:
-                accelerator.log({"train/loss": loss.item(), "train/lr": scheduler.get_last_lr()[0]}, step=step)
+                accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
             card["step"] = step
             if args.eval_steps and step % args.eval_steps == 0:
                 card["metrics"] = evaluate_on_main(accelerator, model, tokenizer, datasets, args, step)
