@@ -7,21 +7,27 @@
 
 Each positive pair (a, b) of a domain gets the domain token in front of both texts and trains that domain's
 expert with the Multiple Negatives Ranking loss: the other pairs of the batch are the negatives. With several
-processes the embeddings of every process are gathered (gradients flow to the local ones), so each process scores
-its pairs against the global batch.
+processes the embeddings of every process are gathered with their gradients, so each process scores its pairs
+against the global batch and the update equals that of one process on the global batch.
 """
 
 import argparse
 import json
 import math
 import os
+import queue
 import shutil
+import sys
+import threading
+import time
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, get_linear_schedule_with_warmup
@@ -31,6 +37,8 @@ from defaults import default_base_model
 from modeling_moebert import MoEBertModel
 
 DEFAULT_OUTPUT_DIR = "outputs/moebert"
+BEST_MODEL_DIR = "best_model"
+BEST_MODEL_METRICS = ("f1_max", "roc_auc", "average_precision")
 
 
 def parse_args(argv=None):
@@ -40,11 +48,21 @@ def parse_args(argv=None):
     parser.add_argument("--moe_layers", default="all", help="all | middle | 0,5,11")
     parser.add_argument("--routing_mode", default="sentence", choices=["sentence", "token"])
     parser.add_argument("--shared_expert", action="store_true", help="one expert for all domains (baseline)")
+    parser.add_argument(
+        "--train_experts_only", action="store_true",
+        help="freeze the shared weights (embeddings, attention, LayerNorm): training a domain then changes only its "
+        "own expert, so the other domains keep computing exactly what they did",
+    )
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     parser.add_argument("--per_device_train_batch_size", type=int, default=16)
     parser.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    parser.add_argument(
+        "--batching", default="mixed", choices=["mixed", "domain"],
+        help="mixed: pairs of all domains in a batch; domain: every (global) batch from one domain, so the in-batch "
+        "negatives are same-domain abstracts (harder)",
+    )
     parser.add_argument("--learning_rate", type=float, default=5e-5)
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
@@ -52,39 +70,118 @@ def parse_args(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--scale", type=float, default=20.0, help="cosine similarity scale of the loss")
+    parser.add_argument(
+        "--mask_false_negatives", action=argparse.BooleanOptionalAction, default=True,
+        help="leave out of the loss in-batch negatives that are the anchor's own text, its positive's text or a known "
+        "co-cited partner",
+    )
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument("--seed", type=int, default=42)
-    parser.add_argument("--eval_steps", type=int, default=None, help="evaluate on valid every N steps (and at the end)")
+    parser.add_argument(
+        "--eval_steps", type=int, default=None, help="evaluate on valid every N steps (always before training and at the end)"
+    )
+    parser.add_argument(
+        "--metric_for_best_model", default="roc_auc", choices=BEST_MODEL_METRICS,
+        help="pooled valid metric that picks the model kept in OUTPUT_DIR/best_model",
+    )
+    parser.add_argument("--load_best_model_at_end", action="store_true", help="the final model is the best one")
+    parser.add_argument(
+        "--early_stopping_patience", type=int, default=None, help="stop after N evaluations without improvement"
+    )
     parser.add_argument("--checkpointing_steps", default=None, help="N or 'epoch'")
     parser.add_argument("--checkpoints_total_limit", type=int, default=2)
     parser.add_argument("--resume_from_checkpoint", default=None, help="PATH or 'latest'")
     parser.add_argument("--with_tracking", action="store_true")
     parser.add_argument("--report_to", default="tensorboard")
-    return parser.parse_args(argv)
+    parser.add_argument("--push_to_hub", action="store_true", help="push the model to the Hub repo --hub_model_id")
+    parser.add_argument("--hub_model_id", default=None, help="ORG/NAME")
+    parser.add_argument(
+        "--hub_strategy", default="every_save", choices=["end", "every_save", "checkpoint"],
+        help="end: the final model only; every_save: also the model of each checkpoint; checkpoint: also the full "
+        "training state of the latest checkpoint, under last-checkpoint/ (resume from it on another machine)",
+    )
+    parser.add_argument("--hub_private_repo", action="store_true")
+    parser.add_argument("--hub_token", default=None, help="default: the token saved by `hf auth login` or HF_TOKEN")
+    args = parser.parse_args(argv)
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
+    if args.push_to_hub and constants.HF_HUB_OFFLINE:
+        parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it or drop --push_to_hub")
+    return args
 
 
 # ------------------------------------------------------------------------------------------------ loss
 
 
-def gather_keep_grad(local: torch.Tensor, accelerator: Accelerator) -> torch.Tensor:
-    """All processes' rows; this process's own rows keep their gradient."""
-    if accelerator.num_processes == 1:
+class GatherWithGrad(torch.autograd.Function):
+    """All processes' rows, in rank order, differentiable: every process's loss depends on every row, so the
+    backward pass sums the gradients of all processes (all_reduce) and each keeps its own rows' part. With DDP
+    averaging the parameter gradients, the update is exactly that of one process on the global batch."""
+
+    @staticmethod
+    def forward(ctx, local):
+        ctx.rows, ctx.rank = local.shape[0], torch.distributed.get_rank()
+        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+        torch.distributed.all_gather(parts, local.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(local: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:
+    if accelerator is None or accelerator.num_processes == 1:
         return local
-    gathered = list(accelerator.gather(local.detach()).split(local.shape[0]))
-    gathered[accelerator.process_index] = local
-    return torch.cat(gathered)
+    return GatherWithGrad.apply(local)
 
 
-def multiple_negatives_ranking_loss(emb_a, emb_b, scale: float, accelerator: Accelerator | None = None):
-    """Symmetric MNR loss: each a_i must pick b_i among all b of the (global) batch, and each b_i its a_i."""
+def multiple_negatives_ranking_loss(emb_a, emb_b, scale: float, accelerator: Accelerator | None = None, ignore=None):
+    """Symmetric MNR loss: each a_i must pick b_i among all b of the (global) batch, and each b_i its a_i.
+
+    `ignore`: optional boolean masks (a_to_b, b_to_a), shape (local batch, global batch), of in-batch candidates
+    to leave out of the softmax (false negatives: see KnownPairs)."""
     emb_a, emb_b = F.normalize(emb_a, dim=-1), F.normalize(emb_b, dim=-1)
-    all_a = gather_keep_grad(emb_a, accelerator) if accelerator else emb_a
-    all_b = gather_keep_grad(emb_b, accelerator) if accelerator else emb_b
+    all_a, all_b = gather_with_grad(emb_a, accelerator), gather_with_grad(emb_b, accelerator)
     offset = accelerator.process_index * emb_a.shape[0] if accelerator else 0
     targets = torch.arange(emb_a.shape[0], device=emb_a.device) + offset
-    a_to_b = F.cross_entropy(scale * emb_a @ all_b.T, targets)
-    b_to_a = F.cross_entropy(scale * emb_b @ all_a.T, targets)
-    return (a_to_b + b_to_a) / 2
+    a_to_b, b_to_a = scale * emb_a @ all_b.T, scale * emb_b @ all_a.T
+    if ignore is not None:
+        a_to_b, b_to_a = a_to_b.masked_fill(ignore[0], -torch.inf), b_to_a.masked_fill(ignore[1], -torch.inf)
+    return (F.cross_entropy(a_to_b, targets) + F.cross_entropy(b_to_a, targets)) / 2
+
+
+class KnownPairs:
+    """Integer ids for the training texts and the set of their co-cited pairs.
+
+    With clique-like co-citation graphs, the "negatives" of a batch are often the same abstract as the anchor or
+    its positive (one paper sits in many pairs), or another known positive of the anchor. Pushing those away
+    fights the positives' pull; they are left out of the softmax instead."""
+
+    def __init__(self, texts_a: list[str], texts_b: list[str]):
+        index = {}
+        self.ids_a = [index.setdefault(t, len(index)) for t in texts_a]
+        self.ids_b = [index.setdefault(t, len(index)) for t in texts_b]
+        self.num_texts = len(index)
+        pairs = torch.tensor([self.ids_a, self.ids_b], dtype=torch.long)
+        keys = torch.cat([pairs[0] * self.num_texts + pairs[1], pairs[1] * self.num_texts + pairs[0]])
+        self.positive_keys = torch.unique(keys)  # sorted
+
+    def masks(self, ids_a: torch.Tensor, ids_b: torch.Tensor, accelerator: Accelerator | None = None):
+        """The (a_to_b, b_to_a) masks of false negatives for this process's pairs against the global batch."""
+        all_a = accelerator.gather(ids_a) if accelerator else ids_a
+        all_b = accelerator.gather(ids_b) if accelerator else ids_b
+        offset = accelerator.process_index * ids_a.shape[0] if accelerator else 0
+        own = torch.zeros(ids_a.shape[0], all_a.shape[0], dtype=torch.bool, device=ids_a.device)
+        own[torch.arange(ids_a.shape[0]), torch.arange(ids_a.shape[0]) + offset] = True
+        return self._false(ids_a, ids_b, all_b) & ~own, self._false(ids_b, ids_a, all_a) & ~own
+
+    def _false(self, anchors, positives, candidates):
+        same_text = (candidates[None, :] == anchors[:, None]) | (candidates[None, :] == positives[:, None])
+        keys = anchors[:, None] * self.num_texts + candidates[None, :]
+        return same_text | torch.isin(keys, self.positive_keys.to(keys.device))
 
 
 # ------------------------------------------------------------------------------------------------ model and data
@@ -110,7 +207,7 @@ def load_model(args, domains: list[str]):
 
 
 def training_pairs(datasets: dict, domains: list[str]):
-    """The positive train pairs of every domain, with the domain id."""
+    """The positive train pairs of every domain, with the domain id and text ids; and their KnownPairs."""
     from datasets import concatenate_datasets
 
     parts = []
@@ -119,7 +216,64 @@ def training_pairs(datasets: dict, domains: list[str]):
         if len(positives) == 0:
             raise DatasetError(f"domain {domain}: the train split has no positive (label 1) pair to train on.")
         parts.append(positives.select_columns(["a", "b"]).add_column("domain_id", [domains.index(domain)] * len(positives)))
-    return concatenate_datasets(parts)
+    pairs = concatenate_datasets(parts)
+    known = KnownPairs(pairs["a"], pairs["b"])
+    return pairs.add_column("id_a", known.ids_a).add_column("id_b", known.ids_b), known
+
+
+class DomainBatchSampler(torch.utils.data.Sampler):
+    """Batches whose pairs all come from one domain, so the in-batch negatives are abstracts of the same domain.
+
+    With P processes, a global batch of P * batch_size pairs is drawn from one domain and handed out as P
+    consecutive batches; Accelerate gives batch i to process i % P, so the gathered negatives stay in one domain.
+    The order depends only on (seed, epoch): a resumed run sees the same batches.
+    """
+
+    def __init__(self, domain_ids, batch_size: int, num_processes: int, seed: int):
+        domain_ids = np.asarray(domain_ids)
+        self.groups = [np.flatnonzero(domain_ids == d) for d in np.unique(domain_ids)]
+        self.batch_size, self.num_processes, self.seed, self.epoch = batch_size, num_processes, seed, 0
+        too_small = [int(domain_ids[g[0]]) for g in self.groups if len(g) < batch_size * num_processes]
+        if too_small:
+            raise DatasetError(
+                f"--batching domain: domain ids {too_small} have fewer train pairs than one global batch "
+                f"({batch_size} x {num_processes} processes); lower --per_device_train_batch_size or use mixed batches."
+            )
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        global_size = self.batch_size * self.num_processes
+        return sum(len(g) // global_size for g in self.groups) * self.num_processes
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        global_size = self.batch_size * self.num_processes
+        global_batches = []
+        for group in self.groups:
+            shuffled = rng.permutation(group)
+            global_batches += [shuffled[i : i + global_size] for i in range(0, len(shuffled) - global_size + 1, global_size)]
+        for index in rng.permutation(len(global_batches)):
+            for part in np.split(global_batches[index], self.num_processes):
+                yield part.tolist()
+
+
+def train_dataloader(train_pairs, model, tokenizer, args, num_processes: int) -> DataLoader:
+    collate = make_collate(model, tokenizer, args.max_seq_length)
+    if args.batching == "domain":
+        sampler = DomainBatchSampler(train_pairs["domain_id"], args.per_device_train_batch_size, num_processes, args.seed)
+        return DataLoader(train_pairs, batch_sampler=sampler, collate_fn=collate)
+    return DataLoader(
+        train_pairs,
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,  # equal batches on every process, for the gathered negatives
+        # its own generator: starting an epoch must not draw from the global RNG, which drives dropout, or a
+        # resumed run (whose iterator starts after the RNG state is restored) would see other dropout masks
+        generator=torch.Generator().manual_seed(args.seed),
+        collate_fn=collate,
+    )
 
 
 def make_collate(model, tokenizer, max_seq_length: int):
@@ -130,9 +284,28 @@ def make_collate(model, tokenizer, max_seq_length: int):
             texts = [f"{tokens[r['domain_id']]} {r[column]}" for r in rows]
             return tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
 
-        return {"a": encode("a"), "b": encode("b"), "domain_ids": torch.tensor([r["domain_id"] for r in rows])}
+        return {
+            "a": encode("a"),
+            "b": encode("b"),
+            "domain_ids": torch.tensor([r["domain_id"] for r in rows]),
+            "id_a": torch.tensor([r["id_a"] for r in rows]),
+            "id_b": torch.tensor([r["id_b"] for r in rows]),
+        }
 
     return collate
+
+
+def make_optimizer(model, args) -> torch.optim.AdamW:
+    if args.train_experts_only:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = ".experts." in name
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in trained if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
+        {"params": [p for n, p in trained if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=args.learning_rate)
 
 
 # ------------------------------------------------------------------------------------------------ evaluation, saving
@@ -158,13 +331,26 @@ def save_model(model, tokenizer, folder: Path, card: dict):
     tokenizer.save_pretrained(tmp)
     (tmp / "training_state.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     (tmp / "README.md").write_text(model_card(card))
+    return move_files_into(tmp, folder)
+
+
+def copy_model(source: Path, folder: Path):
+    """Copy a saved model folder over `folder`, with the same file-by-file atomicity as save_model."""
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    return move_files_into(tmp, folder)
+
+
+def move_files_into(tmp: Path, folder: Path) -> list[str]:
+    """Move every file of `tmp` to the same place under `folder`; returns their relative paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    for entry in sorted(tmp.rglob("*")):
-        if entry.is_file():
-            target = folder / entry.relative_to(tmp)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(entry, target)
+    moved = [entry.relative_to(tmp) for entry in sorted(tmp.rglob("*")) if entry.is_file()]
+    for name in moved:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp / name, folder / name)
     shutil.rmtree(tmp)
+    return [str(name) for name in moved]
 
 
 def model_card(card: dict) -> str:
@@ -193,9 +379,10 @@ def model_card(card: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, card: dict, limit: int):
+def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, card: dict, args, pusher=None):
     """`checkpoint-<step>/`: the full training state (accelerator.save_state) and a loadable `model/` folder,
-    written under a temporary name and renamed when complete; only the newest `limit` are kept."""
+    written under a temporary name and renamed when complete; only the newest `limit` are kept. Then, by
+    --hub_strategy, the model goes to the root of the Hub repo and the whole checkpoint to last-checkpoint/."""
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if accelerator.is_main_process:
@@ -204,8 +391,14 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, tmp / "model", card)
+        model_files = save_model(accelerator.unwrap_model(model), tokenizer, tmp / "model", card)
         os.replace(tmp, final)
+        if pusher and args.hub_strategy in ("every_save", "checkpoint"):
+            pusher.push(final / "model", model_files, "", f"Training in progress, step {step}")
+        if pusher and args.hub_strategy == "checkpoint":
+            state_files = [str(p.relative_to(final)) for p in sorted(final.rglob("*")) if p.is_file()]
+            pusher.push(final, state_files, "last-checkpoint", f"Checkpoint at step {step}")
+        limit = args.checkpoints_total_limit
         for old in sorted(checkpoints(output_dir), key=checkpoint_step)[:-limit] if limit else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -219,6 +412,96 @@ def checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[-1])
 
 
+# ------------------------------------------------------------------------------------------------ Hub
+
+
+class HubPusher:
+    """Uploads to one Hub model repo from a background thread of the main process, so training never waits on
+    the network (and the other processes never wait on the main one).
+
+    Each push uploads a snapshot: hard links to the files as they are when `push` is called, so the loop may go
+    on rewriting and rotating checkpoints during the upload. Uploads that queue up while the network is slow are
+    coalesced: only the newest one per repo folder is sent. A push that still fails after `attempts` tries is
+    reported as a warning and dropped; the local files are never touched.
+    """
+
+    def __init__(
+        self, repo_id: str, staging_dir: Path, token=None, private=False, attempts: int = 3, backoff_s: float = 2.0
+    ):
+        self.api = HfApi(token=token)
+        self.staging_dir = staging_dir
+        self.repo_id, self.private, self.attempts, self.backoff_s = repo_id, private, attempts, backoff_s
+        self.repo_ready, self.failed, self.snapshots = False, [], 0
+        self.jobs = queue.Queue()
+        self.worker = threading.Thread(target=self._work, name="hub-push", daemon=True)
+        self.worker.start()
+
+    def push(self, folder: Path, files: list[str], path_in_repo: str, message: str):
+        """Queue `files` (paths relative to `folder`) for upload into `path_in_repo` of the repo."""
+        self.snapshots += 1
+        snapshot = self.staging_dir / str(self.snapshots)
+        for name in files:
+            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(folder / name, snapshot / name)
+        self.jobs.put((snapshot, path_in_repo, message, folder))
+
+    def close(self) -> list[str]:
+        """Wait for the queued uploads; returns the failures (already reported)."""
+        self.jobs.put(None)
+        self.worker.join()
+        return self.failed
+
+    def _work(self):
+        while True:
+            jobs = [self.jobs.get()]
+            while not self.jobs.empty():
+                jobs.append(self.jobs.get())
+            newest = {}  # repo folder -> its newest job
+            for job in jobs:
+                if job is not None:
+                    if job[1] in newest:
+                        shutil.rmtree(newest[job[1]][0])
+                    newest[job[1]] = job
+            for snapshot, path_in_repo, message, local in newest.values():
+                try:
+                    self._upload(snapshot, path_in_repo, message, local)
+                finally:
+                    shutil.rmtree(snapshot, ignore_errors=True)
+            if None in jobs:
+                return
+
+    def _upload(self, snapshot: Path, path_in_repo: str, message: str, local: Path):
+        for attempt in range(1, self.attempts + 1):
+            try:
+                if not self.repo_ready:
+                    self.api.create_repo(self.repo_id, private=self.private, exist_ok=True)
+                    self.repo_ready = True
+                self.api.upload_folder(
+                    repo_id=self.repo_id, folder_path=snapshot, path_in_repo=path_in_repo or None, commit_message=message
+                )
+                return
+            except Exception as error:  # network, HTTP status, auth: all end in the same warning
+                if attempt < self.attempts:
+                    time.sleep(self.backoff_s * 2 ** (attempt - 1))
+                    continue
+                where = f"{self.repo_id}/{path_in_repo}" if path_in_repo else self.repo_id
+                self.failed.append(message)
+                print(
+                    f"warning: pushing '{message}' to the Hub repo {where} failed {self.attempts} times "
+                    f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). The local copy in "
+                    f"{local} is intact; upload it later with: hf upload {self.repo_id} {local} {path_in_repo or '.'}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+
+def link_or_copy(source: Path, target: Path):
+    try:
+        os.link(source, target)  # the snapshot keeps the file's content even if the loop replaces or deletes it
+    except OSError:
+        shutil.copy2(source, target)
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -229,6 +512,8 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        # an expert that no token of this process's batch was routed to gets no gradient in that step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         **tracking,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -238,35 +523,30 @@ def main(argv=None):
             "without GPUs, launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ..."
         )
     set_seed(args.seed)
+    pusher = None
     output_dir = Path(args.output_dir)
+    if args.push_to_hub and accelerator.is_main_process:
+        staging = output_dir / ".hub-uploads"
+        shutil.rmtree(staging, ignore_errors=True)  # snapshots left by a killed run
+        pusher = HubPusher(args.hub_model_id, staging, token=args.hub_token, private=args.hub_private_repo)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     specs = parse_dataset_specs(args.dataset)
     try:
         datasets = load_domain_datasets(specs)
         domains = list(specs)
-        train_pairs = training_pairs(datasets, domains)
+        train_pairs, known_pairs = training_pairs(datasets, domains)
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
     model, tokenizer = load_model(args, domains)
     domains = model.config.domains
 
-    dataloader = DataLoader(
-        train_pairs,
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=True,  # equal batches on every process, for the gathered negatives
-        # its own generator: starting an epoch must not draw from the global RNG, which drives dropout, or a
-        # resumed run (whose iterator starts after the RNG state is restored) would see other dropout masks
-        generator=torch.Generator().manual_seed(args.seed),
-        collate_fn=make_collate(model, tokenizer, args.max_seq_length),
-    )
-    no_decay = ("bias", "LayerNorm.weight")
-    groups = [
-        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": args.weight_decay},
-        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW(groups, lr=args.learning_rate)
+    try:
+        dataloader = train_dataloader(train_pairs, model, tokenizer, args, accelerator.num_processes)
+    except DatasetError as error:
+        raise SystemExit(f"error: {error}") from None
+    batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
+    optimizer = make_optimizer(model, args)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     epochs = math.ceil(max_steps / max(updates_per_epoch, 1))
@@ -290,18 +570,28 @@ def main(argv=None):
             skip_batches = (step % updates_per_epoch) * args.gradient_accumulation_steps
 
     card = {"domains": domains, "datasets": specs, "args": vars(args), "step": step, "metrics": {}}
+    best = BestModel(args.metric_for_best_model, args.early_stopping_patience)
+    if step:  # the metrics and best-model record as they were at the checkpoint
+        card = {**json.loads((path / "model" / "training_state.json").read_text()), "args": vars(args)}
+        best.load_state_dict(card["best"])
+    else:
+        evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card, best)  # the untrained baseline
+    last_evaluated, stop_early = step, False
+
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
     model.train()
     for epoch in range(start_epoch, epochs):
-        if hasattr(dataloader, "set_epoch"):
-            dataloader.set_epoch(epoch)  # the seedable sampler shuffles each epoch the same way in every run
+        for sampler in (dataloader, batch_sampler):  # the same shuffle for each epoch in every run
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
         batches = accelerator.skip_first_batches(dataloader, skip_batches) if skip_batches else dataloader
         skip_batches = 0
         for batch in batches:
             with accelerator.accumulate(model):
                 emb_a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
                 emb_b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
-                loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator)
+                ignore = known_pairs.masks(batch["id_a"], batch["id_b"], accelerator) if args.mask_false_negatives else None
+                loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -318,35 +608,81 @@ def main(argv=None):
                 accelerator.log({"train/loss": loss_value, "train/lr": lr}, step=step)
             card["step"] = step
             if args.eval_steps and step % args.eval_steps == 0:
-                card["metrics"] = evaluate_on_main(accelerator, model, tokenizer, datasets, args, step)
+                evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card, best)
+                last_evaluated, stop_early = step, accelerator.check_trigger()
             if args.checkpointing_steps and args.checkpointing_steps.isdigit() and step % int(args.checkpointing_steps) == 0:
-                save_checkpoint(accelerator, model, tokenizer, output_dir, step, card, args.checkpoints_total_limit)
-            if step >= max_steps:
+                save_checkpoint(accelerator, model, tokenizer, output_dir, step, card, args, pusher)
+            if step >= max_steps or stop_early:
                 break
         if args.checkpointing_steps == "epoch":
-            save_checkpoint(accelerator, model, tokenizer, output_dir, step, card, args.checkpoints_total_limit)
-        if step >= max_steps:
+            save_checkpoint(accelerator, model, tokenizer, output_dir, step, card, args, pusher)
+        if step >= max_steps or stop_early:
             break
+    progress.close()
 
-    if not (args.eval_steps and step % args.eval_steps == 0):
-        card["metrics"] = evaluate_on_main(accelerator, model, tokenizer, datasets, args, step)
+    if last_evaluated != step:
+        evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card, best)
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), tokenizer, output_dir, card)
-        print(f"model saved to {output_dir}/")
+        if args.load_best_model_at_end and best.step not in (None, step):
+            files = copy_model(output_dir / BEST_MODEL_DIR, output_dir)
+            print(f"best model (step {best.step}, valid {best.metric} {best.value:.4f}) saved to {output_dir}/")
+        else:
+            files = save_model(accelerator.unwrap_model(model), tokenizer, output_dir, card)
+            print(f"model saved to {output_dir}/")
+        if pusher:
+            pusher.push(output_dir, files, "", "End of training")
+    accelerator.wait_for_everyone()
     accelerator.end_training()
+    if pusher:  # after the last collective call: the other processes may exit meanwhile
+        print(f"waiting for the uploads to the Hub repo {args.hub_model_id} ...", flush=True)
+        if not pusher.close():
+            print(f"pushed to {pusher.api.endpoint}/{args.hub_model_id}")
     return card
 
 
-def evaluate_on_main(accelerator, model, tokenizer, datasets, args, step) -> dict:
-    results = {}
+class BestModel:
+    """Which evaluation scored best on the pooled valid metric, and how many evaluations passed since."""
+
+    def __init__(self, metric: str, patience: int | None):
+        self.metric, self.patience = metric, patience
+        self.value, self.step, self.stale = -math.inf, None, 0
+
+    def update(self, results: dict, step: int) -> bool:
+        value = results.get("all", {}).get(self.metric)
+        if value is not None and value > self.value:
+            self.value, self.step, self.stale = value, step, 0
+            return True
+        self.stale += 1
+        return False
+
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.stale >= self.patience
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "value": self.value, "step": self.step, "stale": self.stale}
+
+    def load_state_dict(self, state: dict):
+        self.value, self.step, self.stale = state["value"], state["step"], state["stale"]
+
+
+def evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card: dict, best: BestModel):
+    """Score valid on the main process; keep the best model in OUTPUT_DIR/best_model; tell every process when
+    patience has run out (accelerator's trigger, so all of them stop at the same step)."""
     if accelerator.is_main_process:
-        results = evaluate(accelerator.unwrap_model(model), tokenizer, datasets, args)
-        pooled = results.get("all", {})
-        print(f"step {step} valid: " + ", ".join(f"{k} {pooled[k]:.4f}" for k in ("f1_max", "roc_auc") if k in pooled))
+        step = card["step"]
+        card["metrics"] = {**evaluate(accelerator.unwrap_model(model), tokenizer, datasets, args), "step": step}
+        pooled = card["metrics"].get("all", {})
+        print(f"step {step} valid: " + ", ".join(f"{k} {pooled[k]:.4f}" for k in BEST_MODEL_METRICS if k in pooled))
         if args.with_tracking:
             accelerator.log({f"valid/{k}": v for k, v in pooled.items() if isinstance(v, float)}, step=step)
+        improved = best.update(card["metrics"], step)
+        card["best"] = best.state_dict()
+        if improved:
+            save_model(accelerator.unwrap_model(model), tokenizer, Path(args.output_dir) / BEST_MODEL_DIR, card)
+        elif best.should_stop():
+            print(f"early stopping: no better valid {best.metric} in {best.stale} evaluations (best: step {best.step})")
+            accelerator.set_trigger()
     accelerator.wait_for_everyone()
-    return results
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def test_each_unique_text_is_encoded_once_per_split():
     assert len(encoder.seen) == 2 * len(unique)  # valid and test, each text once; retrieval reuses the vectors
     assert set(encoder.seen) == unique
     assert {"f1_max", "roc_auc", "f1_at_valid_threshold", "mrr", "recall_at_10"} <= set(results["CVD"])
-    assert set(results) == {"CVD", "all"}
+    assert set(results) == {"CVD", "mean", "all"}
 
 
 def test_retrieval_metrics_by_hand():
@@ -94,5 +94,29 @@ def test_end_to_end_on_a_tiny_moebert(tiny_bert, tmp_path):
     predictions = pd.read_csv(out / "predictions.csv")
     assert set(predictions.model) == {"moe", "tfidf"} and len(predictions) == 3 * len(PAIRS)
     assert "| moe |" in (out / "results.md").read_text()
+    for metric in ("roc_auc", "f1_max", "mrr"):  # the macro average: each domain once
+        expected = np.mean([results["tfidf"][d][metric] for d in ("CVD", "SKIN")])
+        assert results["tfidf"]["mean"][metric] == pytest.approx(expected)
+    assert "f1_max_threshold" not in results["tfidf"]["mean"]
     for name in ("hist_moe_CVD.png", "hist_tfidf_SKIN.png", "roc_CVD.png", "roc_SKIN.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path):
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as models
+    from transformers import AutoModel, AutoTokenizer
+
+    transformer = models.Transformer(tiny_bert, max_seq_length=32)
+    cls_pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
+    SentenceTransformer(modules=[transformer, cls_pooling]).save(str(tmp_path / "st"))
+    args = evaluation.argparse.Namespace(max_seq_length=32, batch_size=2)
+    encoder = evaluation.load_encoder(str(tmp_path / "st"), args)
+    assert isinstance(encoder, evaluation.SentenceTransformerEncoder)
+    texts = ["heart failure with preserved ejection fraction", "asthma"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    with torch.no_grad():
+        hidden = AutoModel.from_pretrained(tiny_bert)(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
+    np.testing.assert_allclose(encoder.encode(texts, "CVD"), hidden[:, 0].numpy(), atol=1e-5)  # CLS, not the mean
+    assert isinstance(evaluation.load_encoder(tiny_bert, args), evaluation.TransformerEncoder)  # no modules.json

@@ -23,6 +23,71 @@ def test_mnr_loss_against_a_hand_computation():
     assert loss.item() == pytest.approx((a_to_b + b_to_a) / 2, rel=1e-5)
 
 
+def test_false_negatives_are_masked_out_of_the_loss():
+    # texts: p, q, r, s; pairs (p,q) (r,p) (s,r): p sits in two pairs
+    known = train.KnownPairs(["p", "r", "s"], ["q", "p", "r"])
+    ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
+    a_to_b, b_to_a = known.masks(ids_a, ids_b)
+    # a_to_b[i, j]: b_j is a's own text, b_i's text, or a known partner of a_i (j != i)
+    # a0=p: b1=p (own text), b2=r (p-r co-cited); a1=r: b2=r (own text); a2=s: b1=p? no pair s-p -> kept
+    assert a_to_b.tolist() == [[False, True, True], [False, False, True], [False, False, False]]
+    # b0=q: a1=r? no pair q-r; a2=s no. b1=p: a0=p own text; b2=r: a1=r own text, a0=p co-cited with r
+    assert b_to_a.tolist() == [[False, False, False], [True, False, False], [True, True, False]]
+
+    emb_a, emb_b = torch.randn(3, 4), torch.randn(3, 4)
+    masked = train.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a))
+    cos_ab = torch.nn.functional.normalize(emb_a, dim=-1) @ torch.nn.functional.normalize(emb_b, dim=-1).T
+    by_hand = 0.0
+    for sim, mask in ((cos_ab, a_to_b), (cos_ab.T, b_to_a)):
+        for i in range(3):
+            kept = [j for j in range(3) if not mask[i, j]]
+            by_hand += -(20 * sim[i, i] - torch.logsumexp(20 * sim[i, kept], 0)) / 6
+    assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+def _gathered_loss_worker(rank, port, out):
+    import os
+
+    from accelerate import Accelerator
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), ACCELERATE_USE_CPU="true")
+    accelerator = Accelerator()
+    torch.manual_seed(0)
+    weight = torch.randn(6, 5)
+    x_a, x_b = torch.randn(8, 6), torch.randn(8, 6)
+    known = train.KnownPairs(list("pqrstpuv"), list("qrpwxyzq"))  # repeated texts, across the two halves too
+    ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
+
+    def loss(rows, acc):
+        w = weight.clone().requires_grad_()
+        value = train.multiple_negatives_ranking_loss(
+            x_a[rows] @ w, x_b[rows] @ w, 20.0, acc, known.masks(ids_a[rows], ids_b[rows], acc)
+        )
+        value.backward()
+        return value.detach(), w.grad
+
+    full_loss, full_grad = loss(slice(0, 8), None)  # one process, the global batch
+    local_loss, local_grad = loss(slice(4 * rank, 4 * rank + 4), accelerator)
+    torch.distributed.all_reduce(local_loss)  # DDP averages the gradients, so do the losses
+    torch.distributed.all_reduce(local_grad)
+    torch.testing.assert_close(local_loss / 2, full_loss)
+    torch.testing.assert_close(local_grad / 2, full_grad)
+    (out / f"rank{rank}.ok").write_text("ok")
+
+
+def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gathered_loss_worker, args=(port, tmp_path), nprocs=2)
+    assert {p.name for p in tmp_path.iterdir()} == {"rank0.ok", "rank1.ok"}
+
+
 def write_pairs(folder, rows=8):
     frame = pd.DataFrame(
         {"a": [TEXTS[i % 5] + f" study {i}" for i in range(rows)],
@@ -54,7 +119,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
 
     model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     collate = train.make_collate(model, tokenizer, 32)
-    pairs = train.training_pairs({"CVD": train.load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
+    pairs, _ = train.training_pairs({"CVD": train.load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
     batch = collate([pairs[i] for i in range(len(pairs))])
 
     def loss():
@@ -137,3 +202,123 @@ def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tm
     result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {})
     assert result.returncode != 0
     assert "2 processes were launched but Accelerate sees 1" in result.stderr + result.stdout
+
+
+def test_domain_batches_hold_one_domain_per_global_batch():
+    domain_ids = [0] * 10 + [1] * 7 + [2] * 4
+    sampler = train.DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) == 8  # global batches of 4: two of domain 0, one each of 1 and 2
+    for first, second in zip(batches[::2], batches[1::2]):  # process 0 and 1 get consecutive batches
+        assert len({domain_ids[i] for i in first + second}) == 1
+    indices = [i for batch in batches for i in batch]
+    assert len(indices) == len(set(indices)) == 16
+    assert list(sampler) == batches  # the same epoch gives the same order
+    sampler.set_epoch(1)
+    assert list(sampler) != batches
+    with pytest.raises(train.DatasetError, match=r"fewer train pairs than one global batch \(4 x 2 processes\)"):
+        train.DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
+
+
+def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_data, tmp_path):
+    from modeling_moebert import MoEBertModel
+
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--train_experts_only")
+    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])[0].state_dict()
+    trained = load_file(tmp_path / "out" / "model.safetensors")
+    experts = [name for name in trained if ".experts." in name]
+    assert experts and all(not torch.equal(trained[name], start[name]) for name in experts)
+    for name in set(trained) - set(experts):
+        torch.testing.assert_close(trained[name], start[name], atol=0, rtol=0, msg=name)
+
+
+def test_best_model_is_kept_and_training_stops_when_valid_stops_improving(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    scores = iter([0.50, 0.60, 0.55, 0.52, 0.90, 0.90])  # steps 0 (untrained), 1, 2, 3, ...
+    monkeypatch.setattr(train, "evaluate", lambda *args: {"all": {"roc_auc": next(scores), "f1_max": 0.5}})
+    out = tmp_path / "out"
+    card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "6", "--eval_steps", "1", "--checkpointing_steps",
+                     "1", "--checkpoints_total_limit", "0", "--early_stopping_patience", "2", "--load_best_model_at_end")
+    assert card["step"] == 3  # steps 2 and 3 did not beat step 1
+    assert card["best"] == {"metric": "roc_auc", "value": 0.60, "step": 1, "stale": 2}
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    final = load_file(out / "model.safetensors")
+    for name, tensor in load_file(out / "checkpoint-1" / "model" / "model.safetensors").items():
+        torch.testing.assert_close(final[name], tensor, atol=0, rtol=0)
+    assert any(not torch.equal(final[n], t) for n, t in load_file(out / "checkpoint-3/model/model.safetensors").items())
+    assert train.json.loads((out / "best_model" / "training_state.json").read_text())["step"] == 1
+
+
+def run_train_process(tiny_bert, tiny_data, output_dir, hub, *extra):
+    import os
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable, str(train.Path(train.__file__)), "--model_name_or_path", tiny_bert,
+        "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
+        "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--max_train_steps", "2",
+        "--output_dir", str(output_dir), "--push_to_hub", "--hub_model_id", "lab/moebert-test", *extra,
+    ]
+    env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test",
+                        "HF_HOME": str(output_dir.parent / "hf-home")}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_push_to_hub_sends_a_loadable_model_and_the_latest_checkpoint(tiny_bert, tiny_data, tmp_path):
+    from fake_hub import FakeHub
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path / "out"
+    with FakeHub() as hub:
+        result = run_train_process(tiny_bert, tiny_data, out, hub, "--hub_strategy", "checkpoint",
+                                   "--checkpointing_steps", "1", "--hub_private_repo")
+    assert result.returncode == 0, result.stderr[-3000:]
+    repo = hub.repos["lab/moebert-test"]
+    assert repo["private"]
+    files = repo["files"]
+    root = {name for name in files if "/" not in name}
+    assert {"config.json", "model.safetensors", "modeling_moebert.py", "configuration_moebert.py", "tokenizer.json",
+            "README.md", "training_state.json"} <= root
+    assert {"last-checkpoint/model.safetensors", "last-checkpoint/optimizer.bin",
+            "last-checkpoint/model/config.json"} <= set(files)
+    assert not any(name.startswith(("checkpoint-", ".", "best_model")) for name in files)
+    assert hub.commits[-1]["summary"] in ("End of training", "Checkpoint at step 2")
+    for name in root:  # the root of the repo is the final model, byte for byte
+        assert files[name] == (out / name).read_bytes(), name
+    assert not any((out / ".hub-uploads").iterdir())  # snapshots removed after upload
+
+    downloaded = tmp_path / "downloaded"
+    for name, content in files.items():
+        if not name.startswith("last-checkpoint/"):
+            (downloaded / name).parent.mkdir(parents=True, exist_ok=True)
+            (downloaded / name).write_bytes(content)
+    tokenizer = AutoTokenizer.from_pretrained(downloaded, trust_remote_code=True)
+    batch = tokenizer(["[CVD] " + TEXTS[0]], return_tensors="pt")
+    with torch.no_grad():
+        pushed = AutoModel.from_pretrained(downloaded, trust_remote_code=True).eval()(**batch).pooler_output
+        local = AutoModel.from_pretrained(out, trust_remote_code=True).eval()(**batch).pooler_output
+    torch.testing.assert_close(pushed, local, atol=0, rtol=0)
+
+
+def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
+    from fake_hub import FakeHub
+    from transformers import AutoModel
+
+    out = tmp_path / "out"
+    with FakeHub(fail=True) as hub:
+        result = run_train_process(tiny_bert, tiny_data, out, hub, "--checkpointing_steps", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "failed 3 times" in result.stderr and "The local copy in" in result.stderr
+    assert hub.requests.count(("POST", "/api/repos/create")) >= 3  # retried
+    assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in out.iterdir()}
+    AutoModel.from_pretrained(out, trust_remote_code=True)
+
+
+def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--push_to_hub"])
+    assert "--push_to_hub needs --hub_model_id ORG/NAME" in capsys.readouterr().err
+    monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit):
+        train.parse_args(["--push_to_hub", "--hub_model_id", "lab/x"])
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err

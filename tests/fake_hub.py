@@ -1,0 +1,95 @@
+"""A local stand-in for the Hub's HTTP API, enough for `create_repo` + `upload_folder` (files sent inline)."""
+
+import base64
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeHub(ThreadingHTTPServer):
+    """Records every request and the files of every commit; with `fail=True` answers every request with 500."""
+
+    def __init__(self, fail: bool = False):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.fail = fail
+        self.requests: list[tuple[str, str]] = []
+        self.commits: list[dict] = []  # {"repo", "summary", "files": {path: bytes}}
+        self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": {path: bytes}}
+        self._thread = threading.Thread(target=self.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+        self.server_close()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: FakeHub
+
+    def log_message(self, *args):
+        pass
+
+    def _reply(self, status: int, body: dict):
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.server.requests.append(("GET", self.path))
+        self._reply(500 if self.server.fail else 404, {"error": "not served by the fake hub"})
+
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        path = self.path.split("?")[0]
+        self.server.requests.append(("POST", path))
+        if self.server.fail:
+            return self._reply(500, {"error": "the fake hub is failing on purpose"})
+        if path == "/api/repos/create":
+            payload = json.loads(body)
+            repo = f"{payload['organization']}/{payload['name']}"
+            self.server.repos.setdefault(repo, {"private": payload.get("visibility") == "private", "files": {}})
+            return self._reply(200, {"url": f"{self.server.endpoint}/{repo}", "name": repo})
+        if path == "/api/validate-yaml":
+            return self._reply(200, {})
+        repo, action = self._repo_action(path)
+        if action == "preupload":
+            files = json.loads(body)["files"]
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
+        if action == "commit":
+            return self._commit(repo, body)
+        self._reply(404, {"error": f"unknown route {path}"})
+
+    @staticmethod
+    def _repo_action(path: str):
+        # /api/models/ORG/NAME/preupload/main, /api/models/ORG/NAME/commit/main
+        parts = path.strip("/").split("/")
+        return "/".join(parts[2:4]), parts[4] if len(parts) > 4 else None
+
+    def _commit(self, repo: str, body: bytes):
+        if repo not in self.server.repos:
+            return self._reply(404, {"error": f"repository {repo} not found"})
+        commit = {"repo": repo, "summary": None, "files": {}, "deleted": []}
+        for line in body.decode().splitlines():
+            item = json.loads(line)
+            if item["key"] == "header":
+                commit["summary"] = item["value"]["summary"]
+            elif item["key"] == "file":
+                commit["files"][item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+            elif item["key"] in ("deletedFile", "deletedFolder"):
+                commit["deleted"].append(item["value"]["path"])
+        self.server.commits.append(commit)
+        self.server.repos[repo]["files"].update(commit["files"])
+        oid = f"{len(self.server.commits):040x}"
+        self._reply(200, {"commitUrl": f"{self.server.endpoint}/{repo}/commit/{oid}", "commitOid": oid})
