@@ -38,7 +38,8 @@ from modeling_moebert import MoEBertModel
 
 DEFAULT_OUTPUT_DIR = "outputs/moebert"
 BEST_MODEL_DIR = "best_model"
-BEST_MODEL_METRICS = ("f1_max", "roc_auc", "average_precision")
+BASE_METRICS = ("f1_max", "roc_auc", "average_precision")
+BEST_MODEL_METRICS = BASE_METRICS + tuple(f"pooled_{m}" for m in BASE_METRICS)
 
 
 def parse_args(argv=None):
@@ -82,7 +83,8 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--metric_for_best_model", default="roc_auc", choices=BEST_MODEL_METRICS,
-        help="pooled valid metric that picks the model kept in OUTPUT_DIR/best_model",
+        help="valid metric that picks the model kept in OUTPUT_DIR/best_model: the mean over domains (each domain "
+        "with its own threshold, as in the paper), or with pooled_ all domains' pairs together",
     )
     parser.add_argument("--load_best_model_at_end", action="store_true", help="the final model is the best one")
     parser.add_argument(
@@ -354,7 +356,11 @@ def move_files_into(tmp: Path, folder: Path) -> list[str]:
 
 
 def model_card(card: dict) -> str:
-    metrics = card.get("metrics", {}).get("all", {})
+    metrics = card.get("metrics", {})
+    validation = "; ".join(
+        f"{label}: " + ", ".join(f"{k} {metrics[key][k]:.4f}" for k in BASE_METRICS if k in metrics.get(key, {}))
+        for key, label in (("mean", "mean over domains"), ("all", "pooled"))
+    )
     lines = [
         "---",
         "library_name: transformers",
@@ -368,8 +374,7 @@ def model_card(card: dict) -> str:
         "",
         f"Trained {card['step']} steps with MoEBERT's train.py on: {card['datasets']}.",
         "",
-        "Validation (pooled over domains): "
-        + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("f1_max", "roc_auc", "average_precision")),
+        f"Validation at step {metrics.get('step', card['step'])}: {validation}.",
         "",
         "Training arguments:",
         "```json",
@@ -648,7 +653,8 @@ class BestModel:
         self.value, self.step, self.stale = -math.inf, None, 0
 
     def update(self, results: dict, step: int) -> bool:
-        value = results.get("all", {}).get(self.metric)
+        pooled, name = self.metric.startswith("pooled_"), self.metric.removeprefix("pooled_")
+        value = results.get("all" if pooled else "mean", {}).get(name)
         if value is not None and value > self.value:
             self.value, self.step, self.stale = value, step, 0
             return True
@@ -671,10 +677,15 @@ def evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card: 
     if accelerator.is_main_process:
         step = card["step"]
         card["metrics"] = {**evaluate(accelerator.unwrap_model(model), tokenizer, datasets, args), "step": step}
-        pooled = card["metrics"].get("all", {})
-        print(f"step {step} valid: " + ", ".join(f"{k} {pooled[k]:.4f}" for k in BEST_MODEL_METRICS if k in pooled))
+        summary = {
+            f"{prefix}{name}": card["metrics"][key][name]
+            for key, prefix in (("mean", ""), ("all", "pooled_"))
+            for name in BASE_METRICS
+            if name in card["metrics"].get(key, {})
+        }
+        print(f"step {step} valid: " + ", ".join(f"{k} {v:.4f}" for k, v in summary.items()))
         if args.with_tracking:
-            accelerator.log({f"valid/{k}": v for k, v in pooled.items() if isinstance(v, float)}, step=step)
+            accelerator.log({f"valid/{k}": v for k, v in summary.items()}, step=step)
         improved = best.update(card["metrics"], step)
         card["best"] = best.state_dict()
         if improved:

@@ -234,7 +234,7 @@ def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_d
 
 def test_best_model_is_kept_and_training_stops_when_valid_stops_improving(tiny_bert, tiny_data, tmp_path, monkeypatch):
     scores = iter([0.50, 0.60, 0.55, 0.52, 0.90, 0.90])  # steps 0 (untrained), 1, 2, 3, ...
-    monkeypatch.setattr(train, "evaluate", lambda *args: {"all": {"roc_auc": next(scores), "f1_max": 0.5}})
+    monkeypatch.setattr(train, "evaluate", lambda *args: {"mean": {"roc_auc": next(scores)}, "all": {}})
     out = tmp_path / "out"
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "6", "--eval_steps", "1", "--checkpointing_steps",
                      "1", "--checkpoints_total_limit", "0", "--early_stopping_patience", "2", "--load_best_model_at_end")
