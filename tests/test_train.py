@@ -177,7 +177,7 @@ def launch_two_processes(tiny_bert, tiny_data, output_dir, env):
         "--main_process_port", "29533", str(train.Path(train.__file__)), "--model_name_or_path", tiny_bert,
         "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
         "--per_device_train_batch_size", "2", "--max_seq_length", "32", "--max_train_steps", "2",
-        "--checkpointing_steps", "1", "--output_dir", str(output_dir),
+        "--checkpointing_steps", "1", "--output_dir", str(output_dir), "--batching", "domain",  # one expert idle
     ]
     environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"HF_HUB_OFFLINE": "1"} | env
     return subprocess.run(command, env=environment, capture_output=True, text=True)
