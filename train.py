@@ -574,10 +574,11 @@ def main(argv=None):
             start_epoch = step // updates_per_epoch
             skip_batches = (step % updates_per_epoch) * args.gradient_accumulation_steps
 
-    card = {"domains": domains, "datasets": specs, "args": vars(args), "step": step, "metrics": {}}
+    public_args = {k: v for k, v in vars(args).items() if k != "hub_token"}  # the card is published with the model
+    card = {"domains": domains, "datasets": specs, "args": public_args, "step": step, "metrics": {}}
     best = BestModel(args.metric_for_best_model, args.early_stopping_patience)
     if step:  # the metrics and best-model record as they were at the checkpoint
-        card = {**json.loads((path / "model" / "training_state.json").read_text()), "args": vars(args)}
+        card = {**json.loads((path / "model" / "training_state.json").read_text()), "args": public_args}
         best.load_state_dict(card["best"])
     else:
         evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card, best)  # the untrained baseline

@@ -271,7 +271,7 @@ def test_push_to_hub_sends_a_loadable_model_and_the_latest_checkpoint(tiny_bert,
     out = tmp_path / "out"
     with FakeHub() as hub:
         result = run_train_process(tiny_bert, tiny_data, out, hub, "--hub_strategy", "checkpoint",
-                                   "--checkpointing_steps", "1", "--hub_private_repo")
+                                   "--checkpointing_steps", "1", "--hub_private_repo", "--hub_token", "hf_secret")
     assert result.returncode == 0, result.stderr[-3000:]
     repo = hub.repos["lab/moebert-test"]
     assert repo["private"]
@@ -282,6 +282,7 @@ def test_push_to_hub_sends_a_loadable_model_and_the_latest_checkpoint(tiny_bert,
     assert {"last-checkpoint/model.safetensors", "last-checkpoint/optimizer.bin",
             "last-checkpoint/model/config.json"} <= set(files)
     assert not any(name.startswith(("checkpoint-", ".", "best_model")) for name in files)
+    assert not any(b"hf_secret" in content for content in files.values())  # the token is not published
     assert hub.commits[-1]["summary"] in ("End of training", "Checkpoint at step 2")
     for name in root:  # the root of the repo is the final model, byte for byte
         assert files[name] == (out / name).read_bytes(), name
