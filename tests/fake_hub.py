@@ -13,6 +13,7 @@ class FakeHub(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.fail = fail
         self.requests: list[tuple[str, str]] = []
+        self.authorizations: set[str] = set()  # Authorization headers seen
         self.commits: list[dict] = []  # {"repo", "summary", "files": {path: bytes}}
         self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": {path: bytes}}
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
@@ -52,6 +53,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         path = self.path.split("?")[0]
         self.server.requests.append(("POST", path))
+        self.server.authorizations.add(self.headers.get("Authorization", ""))
         if self.server.fail:
             return self._reply(500, {"error": "the fake hub is failing on purpose"})
         if path == "/api/repos/create":

@@ -273,6 +273,7 @@ def test_push_to_hub_sends_a_loadable_model_and_the_latest_checkpoint(tiny_bert,
         result = run_train_process(tiny_bert, tiny_data, out, hub, "--hub_strategy", "checkpoint",
                                    "--checkpointing_steps", "1", "--hub_private_repo", "--hub_token", "hf_secret")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert hub.authorizations == {"Bearer hf_secret"}
     repo = hub.repos["lab/moebert-test"]
     assert repo["private"]
     files = repo["files"]
