@@ -88,7 +88,7 @@ class SentenceTransformerEncoder:
         pass
 
     def encode(self, texts: list[str], domain: str) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=False)
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=True)
 
 
 class TfidfEncoder:
