@@ -218,7 +218,8 @@ def evaluate_model(encoder, datasets: dict, split: str) -> tuple[dict, dict]:
 def _mean_over_domains(per_domain: list[dict]) -> dict:
     """The macro average: each domain counts once, whatever its size, and each keeps its own cosine scale (the
     paper's per-domain protocol). Thresholds are left out: their mean is no threshold of anything."""
-    names = [n for n in per_domain[0] if all(n in d for d in per_domain) and not n.endswith("threshold")]
+    thresholds = ("f1_max_threshold", "accuracy_max_threshold", "valid_threshold")
+    names = [n for n in per_domain[0] if all(n in d for d in per_domain) and n not in thresholds]
     return {n: float(np.mean([d[n] for d in per_domain])) for n in names if isinstance(per_domain[0][n], float)}
 
 
