@@ -22,12 +22,12 @@ import threading
 import time
 from pathlib import Path
 
-from huggingface_hub import HfApi, constants
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from huggingface_hub import HfApi, constants
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, get_linear_schedule_with_warmup
