@@ -74,6 +74,8 @@ def _gathered_loss_worker(rank, port, out):
     torch.testing.assert_close(local_loss / 2, full_loss)
     torch.testing.assert_close(local_grad / 2, full_grad)
     (out / f"rank{rank}.ok").write_text("ok")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a group left to interpreter exit can abort the process
 
 
 def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path):
