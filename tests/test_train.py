@@ -160,6 +160,35 @@ def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path
         torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = ["--max_train_steps", "30", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]
+    run_train(tiny_bert, tiny_data, tmp_path / "straight", *steps)
+    killed = tmp_path / "killed"
+    command = [sys.executable, train.__file__, "--model_name_or_path", tiny_bert, "--dataset", f"CVD={tiny_data / 'CVD'}",
+               "--dataset", f"COPD={tiny_data / 'COPD'}", "--output_dir", str(killed), "--per_device_train_batch_size",
+               "4", "--learning_rate", "1e-3", "--max_seq_length", "32", "--seed", "3", *steps]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+
+    card = run_train(tiny_bert, tiny_data, killed, *steps, "--resume_from_checkpoint", "latest")
+    assert card["step"] == 30
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_malformed_data_is_refused_before_training(tiny_bert, tmp_path):
     folder = tmp_path / "bad" / "CVD"
     folder.mkdir(parents=True)
