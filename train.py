@@ -12,6 +12,7 @@ against the global batch and the update equals that of one process on the global
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -71,6 +72,11 @@ def parse_args(argv=None):
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--scale", type=float, default=20.0, help="cosine similarity scale of the loss")
+    parser.add_argument(
+        "--cached_mini_batch_size", type=int, default=None,
+        help="GradCache: embed the batch in mini-batches of this size and backpropagate through one at a time, so a "
+        "large batch (more in-batch negatives) fits in the memory of a small one; same gradients",
+    )
     parser.add_argument(
         "--mask_false_negatives", action=argparse.BooleanOptionalAction, default=True,
         help="leave out of the loss in-batch negatives that are the anchor's own text, its positive's text or a known "
@@ -295,6 +301,59 @@ def make_collate(model, tokenizer, max_seq_length: int):
         }
 
     return collate
+
+
+def backward_step(model, batch, args, accelerator, known_pairs) -> torch.Tensor:
+    """The MNR loss of one batch, with its gradients accumulated into the model; returns the loss."""
+    ignore = known_pairs.masks(batch["id_a"], batch["id_b"], accelerator) if args.mask_false_negatives else None
+    if args.cached_mini_batch_size:
+        return cached_backward_step(model, batch, args, accelerator, ignore)
+    emb_a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
+    emb_b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
+    loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore)
+    accelerator.backward(loss)
+    return loss.detach()
+
+
+def cached_backward_step(model, batch, args, accelerator, ignore) -> torch.Tensor:
+    """GradCache (Gao et al., 2021): 1) embed every mini-batch without a graph, noting the RNG state before each;
+    2) the loss on those embeddings gives d loss / d embedding; 3) each mini-batch is embedded again with a graph
+    and the same dropout (RNG state restored), and backpropagated with that cached gradient. Memory: one
+    mini-batch's activations; gradients: those of the whole batch at once."""
+    rows = torch.arange(len(batch["domain_ids"])).split(args.cached_mini_batch_size)
+
+    def embed(index):
+        return [model(**{k: v[index] for k, v in batch[side].items()}, domain_ids=batch["domain_ids"][index]).pooler_output
+                for side in ("a", "b")]
+
+    rng_states, embeddings = [], []
+    with torch.no_grad():
+        for index in rows:
+            rng_states.append(rng_state())
+            embeddings.append(embed(index))
+    emb_a, emb_b = (torch.cat([e[i] for e in embeddings]).float().requires_grad_() for i in (0, 1))
+    loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore)
+    loss.backward()  # only as far as the embeddings
+    after = rng_state()
+    for n, (index, state) in enumerate(zip(rows, rng_states)):
+        set_rng_state(state)
+        last = n == len(rows) - 1
+        # gradients are all-reduced once, on the last mini-batch of a step that syncs
+        with contextlib.nullcontext() if last and accelerator.sync_gradients else accelerator.no_sync(model):
+            a, b = embed(index)
+            accelerator.backward((a.float() * emb_a.grad[index]).sum() + (b.float() * emb_b.grad[index]).sum())
+    set_rng_state(after)
+    return loss.detach()
+
+
+def rng_state() -> tuple:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def set_rng_state(state: tuple):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
 
 
 def make_optimizer(model, args) -> torch.optim.AdamW:
@@ -594,11 +653,7 @@ def main(argv=None):
         skip_batches = 0
         for batch in batches:
             with accelerator.accumulate(model):
-                emb_a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
-                emb_b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
-                ignore = known_pairs.masks(batch["id_a"], batch["id_b"], accelerator) if args.mask_false_negatives else None
-                loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore)
-                accelerator.backward(loss)
+                loss = backward_step(model, batch, args, accelerator, known_pairs)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()

@@ -45,6 +45,40 @@ def test_false_negatives_are_masked_out_of_the_loss():
     assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout):
+    from accelerate import Accelerator
+
+    model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model.train(dropout)
+    datasets = train.load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
+    pairs, known = train.training_pairs(datasets, ["CVD", "COPD"])
+    batch = train.make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
+    accelerator = Accelerator(cpu=True)
+
+    def gradients(mini_batch_size, chunked_reference=False):
+        model.zero_grad()
+        torch.manual_seed(7)
+        args = train.parse_args(["--cached_mini_batch_size", str(mini_batch_size)] if mini_batch_size else [])
+        if chunked_reference:  # the same dropout draws as the cached step: a then b, mini-batch by mini-batch
+            parts = [[model(**{k: v[rows] for k, v in batch[s].items()}, domain_ids=batch["domain_ids"][rows]).pooler_output
+                      for s in ("a", "b")] for rows in torch.arange(8).split(mini_batch_size)]
+            ignore = known.masks(batch["id_a"], batch["id_b"])
+            loss = train.multiple_negatives_ranking_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+                                                         20.0, ignore=ignore)
+            loss.backward()
+        else:
+            loss = train.backward_step(model, batch, args, accelerator, known)
+        return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    reference_loss, reference = gradients(3, chunked_reference=True) if dropout else gradients(None)
+    cached_loss, cached = gradients(3)  # mini-batches of 3, 3 and 2 pairs
+    assert cached_loss == pytest.approx(reference_loss, rel=1e-5)
+    assert cached.keys() == reference.keys()
+    for name, grad in reference.items():
+        torch.testing.assert_close(cached[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def _gathered_loss_worker(rank, port, out):
     import os
 
@@ -209,6 +243,7 @@ def launch_two_processes(tiny_bert, tiny_data, output_dir, env):
         "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
         "--per_device_train_batch_size", "2", "--max_seq_length", "32", "--max_train_steps", "2",
         "--checkpointing_steps", "1", "--output_dir", str(output_dir), "--batching", "domain",  # one expert idle
+        "--cached_mini_batch_size", "1",
     ]
     environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"HF_HUB_OFFLINE": "1"} | env
     return subprocess.run(command, env=environment, capture_output=True, text=True)
