@@ -504,9 +504,14 @@ class HubPusher:
         """Queue `files` (paths relative to `folder`) for upload into `path_in_repo` of the repo."""
         self.snapshots += 1
         snapshot = self.staging_dir / str(self.snapshots)
-        for name in files:
-            (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
-            link_or_copy(folder / name, snapshot / name)
+        try:
+            for name in files:
+                (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(folder / name, snapshot / name)
+        except OSError as error:  # e.g. a full disk: skip this push, keep training
+            shutil.rmtree(snapshot, ignore_errors=True)
+            print(f"warning: not pushing '{message}': cannot stage {folder} for upload ({error})", file=sys.stderr)
+            return
         self.jobs.put((snapshot, path_in_repo, message, folder))
 
     def close(self) -> list[str]:

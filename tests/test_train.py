@@ -390,3 +390,11 @@ def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--push_to_hub", "--hub_model_id", "lab/x"])
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
+    pusher = train.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher.push(tmp_path, ["no-such-file.safetensors"], "", "step 1")  # raises nothing
+    assert pusher.close() == []
+    assert "not pushing 'step 1': cannot stage" in capsys.readouterr().err
+    assert not list((tmp_path / "staging").glob("*"))
