@@ -58,7 +58,11 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
     parser.add_argument("--num_train_epochs", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    parser.add_argument("--per_device_train_batch_size", type=int, default=16)
+    parser.add_argument(
+        "--per_device_train_batch_size", type=int, default=16,
+        help="pairs per process and step; every other pair of the global batch is a negative "
+        "(see --cached_mini_batch_size for large batches on small memory)",
+    )
     parser.add_argument("--per_device_eval_batch_size", type=int, default=64)
     parser.add_argument(
         "--batching", default="mixed", choices=["mixed", "domain"],
@@ -73,9 +77,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=128)
     parser.add_argument("--scale", type=float, default=20.0, help="cosine similarity scale of the loss")
     parser.add_argument(
-        "--cached_mini_batch_size", type=int, default=None,
+        "--cached_mini_batch_size", type=int, default=0,
         help="GradCache: embed the batch in mini-batches of this size and backpropagate through one at a time, so a "
-        "large batch (more in-batch negatives) fits in the memory of a small one; same gradients",
+        "large batch fits in the memory of a small one, with the same gradients (0: off, a plain step)",
     )
     parser.add_argument(
         "--mask_false_negatives", action=argparse.BooleanOptionalAction, default=True,
@@ -306,7 +310,7 @@ def make_collate(model, tokenizer, max_seq_length: int):
 def backward_step(model, batch, args, accelerator, known_pairs) -> torch.Tensor:
     """The MNR loss of one batch, with its gradients accumulated into the model; returns the loss."""
     ignore = known_pairs.masks(batch["id_a"], batch["id_b"], accelerator) if args.mask_false_negatives else None
-    if args.cached_mini_batch_size:
+    if 0 < args.cached_mini_batch_size < len(batch["domain_ids"]):
         return cached_backward_step(model, batch, args, accelerator, ignore)
     emb_a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
     emb_b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output

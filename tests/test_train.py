@@ -59,7 +59,7 @@ def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data
     def gradients(mini_batch_size, chunked_reference=False):
         model.zero_grad()
         torch.manual_seed(7)
-        args = train.parse_args(["--cached_mini_batch_size", str(mini_batch_size)] if mini_batch_size else [])
+        args = train.parse_args(["--cached_mini_batch_size", str(mini_batch_size or 0)])
         if chunked_reference:  # the same dropout draws as the cached step: a then b, mini-batch by mini-batch
             parts = [[model(**{k: v[rows] for k, v in batch[s].items()}, domain_ids=batch["domain_ids"][rows]).pooler_output
                       for s in ("a", "b")] for rows in torch.arange(8).split(mini_batch_size)]
