@@ -47,18 +47,14 @@ def main():
         batches = list(zip(range(options.steps + 1), train.train_dataloader(pairs, model, tokenizer, args, 1)))
         optimizer = train.make_optimizer(model, args)
         model, optimizer = accelerator.prepare(model, optimizer)
-        runs[name] = (model, optimizer, [move(batch, accelerator.device) for _, batch in batches])
+        runs[name] = (model, optimizer, args, [move(batch, accelerator.device) for _, batch in batches])
 
     def step(name: str, index: int) -> float:
-        model, optimizer, batches = runs[name]
+        model, optimizer, args, batches = runs[name]
         batch = batches[index]
         start = time.perf_counter()
-        emb_a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
-        emb_b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
-        ignore = known.masks(batch["id_a"], batch["id_b"])
-        loss = train.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=ignore)
-        accelerator.backward(loss)
-        accelerator.clip_grad_norm_(model.parameters(), 1.0)
+        train.backward_step(model, batch, args, accelerator, known)
+        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
         if torch.cuda.is_available():
