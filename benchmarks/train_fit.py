@@ -18,19 +18,19 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import eval as evaluation  # noqa: E402
+from data.cocitation import sample_negatives  # noqa: E402
 from data.loading import load_domain_datasets, parse_dataset_specs  # noqa: E402
 
 
 def train_pairs_with_random_negatives(train: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
     positives = train.loc[train.label == 1, ["a", "b"]]
     texts = sorted(set(positives.a) | set(positives.b))
-    co_cited = set(zip(positives.a, positives.b)) | set(zip(positives.b, positives.a))
-    negatives = set()
-    while len(negatives) < len(positives):
-        x, y = rng.choice(len(texts), 2, replace=False)
-        if (texts[x], texts[y]) not in co_cited:
-            negatives.add((texts[x], texts[y]))
-    return pd.concat([positives.assign(label=1), pd.DataFrame(sorted(negatives), columns=["a", "b"]).assign(label=0)])
+    index = {text: i for i, text in enumerate(texts)}
+    i, j = positives.a.map(index).to_numpy(), positives.b.map(index).to_numpy()
+    co_cited = np.unique(np.minimum(i, j) * len(texts) + np.maximum(i, j))  # keys as sample_negatives reads them
+    drawn = sample_negatives(np.arange(len(texts)), len(positives), co_cited, np.zeros(0, np.int64), len(texts), rng)
+    negatives = pd.DataFrame({"a": [texts[k] for k in drawn[:, 0]], "b": [texts[k] for k in drawn[:, 1]]})
+    return pd.concat([positives.assign(label=1), negatives.assign(label=0)])
 
 
 def main():
