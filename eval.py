@@ -1,14 +1,19 @@
 """Score how well cosine similarity of abstract embeddings separates co-cited pairs from random pairs.
 
-    python eval.py                                    # embedded sample: base model and TF-IDF (and a trained
-                                                      # model in outputs/moebert, if train.py wrote one)
+    python eval.py --bootstrap 1000                   # embedded default (SYNERGY): base model and TF-IDF, and
+                                                      # the models train.py wrote to outputs/moebert and
+                                                      # outputs/shared-expert if present; gains over the base
+                                                      # with 95% intervals
     python eval.py --model ours=path/or/hub-id --model tfidf --dataset CVD=GleghornLab/abstract_domain_cvd
 
 Models: a MoE-BERT checkpoint (each pair routed to its domain's expert), any Hugging Face encoder (mean pooling
 over non-padding tokens), or `tfidf`. Each unique text is encoded once per model and domain. Metrics per domain
 and pooled (`all`): the paper's protocol (threshold chosen on the evaluated split itself) and, for `--split test`,
 the honest protocol (threshold chosen on `valid`, applied to `test`); plus a retrieval view (MRR, Recall@10,
-nDCG@10). Writes `results.json`, `predictions.csv`, a markdown table and PNG plots into `--output_dir`.
+nDCG@10). With `--bootstrap N`, each model's gain over `--reference` (default: the base model) in mean-over-domains
+and pooled ROC-AUC and F1max, with a 95% paired bootstrap interval (the same resampled pairs for both models,
+drawn within each domain and label). Writes `results.json`, `predictions.csv`, a markdown table and PNG plots into
+`--output_dir`.
 """
 
 import argparse
@@ -23,10 +28,11 @@ from tqdm.auto import tqdm
 
 from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs
 from defaults import default_base_model
-from metrics import OneClassError, honest_metrics, pair_metrics
+from metrics import BOOTSTRAP_METRICS, OneClassError, honest_metrics, pair_metrics, paired_bootstrap
 
-DEFAULT_TRAINED = Path("outputs/moebert")
+DEFAULT_TRAINED = {"moebert": Path("outputs/moebert"), "shared": Path("outputs/shared-expert")}  # train.py's outputs
 TABLE_METRICS = ("f1_max", "roc_auc", "f1_at_valid_threshold")
+SUMMARIES = ("mean", "all")  # keys of a model's results beside its domains
 
 
 # ------------------------------------------------------------------------------------------------ encoders
@@ -124,9 +130,8 @@ def load_encoder(spec: str, args):
 def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
     """`NAME=PATH`, `PATH` or `tfidf` -> {label: path}; none -> base model, TF-IDF, and the trained default."""
     if not specs:
-        specs = [f"base={default_base_model()}", "tfidf"]
-        if DEFAULT_TRAINED.exists():
-            specs.insert(0, f"moebert={DEFAULT_TRAINED}")
+        trained = [f"{label}={path}" for label, path in DEFAULT_TRAINED.items() if path.exists()]
+        specs = trained + [f"base={default_base_model()}", "tfidf"]
     models = {}
     for spec in specs:
         label, sep, path = spec.partition("=")
@@ -237,12 +242,42 @@ def _split_metrics(scores: dict, labels: dict, split: str) -> dict:
 
 
 def markdown_table(results: dict, metric: str) -> str:
-    domains = sorted({d for per_model in results.values() for d in per_model if d not in ("mean", "all")})
-    domains += ["mean", "all"]
+    domains = sorted({d for per_model in results.values() for d in per_model if d not in SUMMARIES + ("bootstrap",)})
+    domains += list(SUMMARIES)
     lines = [f"| {metric} | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
     for label, per_domain in results.items():
         cells = [per_domain.get(d, {}).get(metric) for d in domains]
         lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def bootstrap_gains(predictions: dict, references: list[str], resamples: int) -> dict:
+    """{model: {"vs REFERENCE": gains}} for every model scored on the same domains as the reference."""
+    per_model = {}
+    for (label, domain), arrays in predictions.items():
+        per_model.setdefault(label, {})[domain] = arrays
+    gains = {}
+    for reference in references:
+        same_pairs = {m: s for m, s in per_model.items() if set(s) == set(per_model[reference])}
+        print(f"bootstrap: {resamples} resamples of the pairs, gains over {reference} ...")
+        for model, gain in paired_bootstrap(same_pairs, reference, resamples).items():
+            if model != reference:
+                gains.setdefault(model, {})[f"vs {reference}"] = gain
+    return gains
+
+
+def gains_table(gains: dict) -> str:
+    """One row per model and reference: each metric's gain with its 95% interval, mean over domains and pooled."""
+    columns = [(view, name) for view in SUMMARIES for name in BOOTSTRAP_METRICS]
+    lines = [
+        "| gain (95% CI) | " + " | ".join(f"{name} ({view})" for view, name in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for model, per_reference in gains.items():
+        for reference, gain in per_reference.items():
+            cells = [gain[view][name] for view, name in columns]
+            cells = [f"{c['gain']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for c in cells]
+            lines.append(f"| {model} {reference} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -301,7 +336,17 @@ def main(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--output_dir", type=Path, default=Path("eval_results"))
+    parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resamples for the gains' 95%% intervals")
+    parser.add_argument(
+        "--reference", action="append", metavar="NAME", help="model the gains are measured against, repeatable "
+        "(default: base, else the first model)",
+    )
     args = parser.parse_args(argv)
+    models = parse_model_specs(args.model)
+    references = args.reference or (["base"] if "base" in models else list(models)[:1])
+    unknown = [r for r in references if r not in models]
+    if args.bootstrap and unknown:
+        parser.error(f"--reference {unknown[0]!r} is not one of the models {list(models)}; name it with --model NAME=PATH.")
 
     try:
         specs = parse_dataset_specs(args.dataset)
@@ -311,7 +356,7 @@ def main(argv=None):
         parser.error(str(error))
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results, predictions = {}, {}
-    for label, path in parse_model_specs(args.model).items():
+    for label, path in models.items():
         print(f"model {label}: {path}")
         try:
             encoder = load_encoder(path, args)
@@ -322,10 +367,16 @@ def main(argv=None):
         results[label], scored = evaluate_model(encoder, datasets, args.split)
         predictions |= {(label, domain): arrays for domain, arrays in scored.items()}
 
+    tables = "\n\n".join(markdown_table(results, m) for m in TABLE_METRICS if args.split == "test" or m != TABLE_METRICS[2])
+    scored_references = [r for r in references if any(label == r for label, _ in predictions)]
+    if args.bootstrap and scored_references:
+        gains = bootstrap_gains(predictions, scored_references, args.bootstrap)
+        for model, per_reference in gains.items():
+            results[model]["bootstrap"] = {"resamples": args.bootstrap} | per_reference
+        tables += "\n\n" + gains_table(gains)
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_predictions(args.output_dir / "predictions.csv", predictions)
     plot(predictions, results, args.output_dir)
-    tables = "\n\n".join(markdown_table(results, m) for m in TABLE_METRICS if args.split == "test" or m != TABLE_METRICS[2])
     (args.output_dir / "results.md").write_text(tables + "\n")
     print(f"\n{tables}\n\nwritten to {args.output_dir}/ (results.json, results.md, predictions.csv, plots)")
     return results

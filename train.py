@@ -41,6 +41,7 @@ DEFAULT_OUTPUT_DIR = "outputs/moebert"
 BEST_MODEL_DIR = "best_model"
 BASE_METRICS = ("f1_max", "roc_auc", "average_precision")
 BEST_MODEL_METRICS = BASE_METRICS + tuple(f"pooled_{m}" for m in BASE_METRICS)
+QUICK_STEPS = 150  # the default run's length: it fits 15 minutes on a 2-core CPU, evaluations included
 
 
 def parse_args(argv=None):
@@ -56,7 +57,11 @@ def parse_args(argv=None):
         "own expert, so the other domains keep computing exactly what they did",
     )
     parser.add_argument("--output_dir", default=DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--num_train_epochs", type=int, default=1)
+    parser.add_argument(
+        "--num_train_epochs", type=int, default=None,
+        help=f"the full recipe: this many passes over the train pairs (with neither this nor --max_train_steps: "
+        f"the quick default of {QUICK_STEPS} steps, about 13 minutes on a 2-core CPU)",
+    )
     parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     parser.add_argument(
         "--per_device_train_batch_size", type=int, default=16,
@@ -65,11 +70,11 @@ def parse_args(argv=None):
     )
     parser.add_argument("--per_device_eval_batch_size", type=int, default=64)
     parser.add_argument(
-        "--batching", default="mixed", choices=["mixed", "domain"],
+        "--batching", default="domain", choices=["mixed", "domain"],
         help="mixed: pairs of all domains in a batch; domain: every (global) batch from one domain, so the in-batch "
         "negatives are same-domain abstracts (harder)",
     )
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--learning_rate", type=float, default=2e-5)
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
@@ -80,6 +85,11 @@ def parse_args(argv=None):
         "--cached_mini_batch_size", type=int, default=0,
         help="GradCache: embed the batch in mini-batches of this size and backpropagate through one at a time, so a "
         "large batch fits in the memory of a small one, with the same gradients (0: off, a plain step)",
+    )
+    parser.add_argument(
+        "--hard_negatives", type=int, default=1,
+        help="per pair, this many abstracts of the same domain's train split that are co-cited with neither text, as "
+        "extra candidates of the loss (same-topic papers that are not co-cited: the negatives of the evaluation)",
     )
     parser.add_argument(
         "--mask_false_negatives", action=argparse.BooleanOptionalAction, default=True,
@@ -150,13 +160,19 @@ def gather_with_grad(local: torch.Tensor, accelerator: Accelerator | None) -> to
     return GatherWithGrad.apply(local)
 
 
-def multiple_negatives_ranking_loss(emb_a, emb_b, scale: float, accelerator: Accelerator | None = None, ignore=None):
+def multiple_negatives_ranking_loss(
+    emb_a, emb_b, scale: float, accelerator: Accelerator | None = None, ignore=None, emb_hard=None
+):
     """Symmetric MNR loss: each a_i must pick b_i among all b of the (global) batch, and each b_i its a_i.
 
-    `ignore`: optional boolean masks (a_to_b, b_to_a), shape (local batch, global batch), of in-batch candidates
-    to leave out of the softmax (false negatives: see KnownPairs)."""
+    `emb_hard`: optional hard negatives (local batch * k rows), extra candidates for every a (as in
+    sentence-transformers' symmetric MNR loss, the b -> a direction has none).
+    `ignore`: optional boolean masks (a_to_b, b_to_a), shape (local batch, global batch [+ global hard]), of
+    candidates to leave out of the softmax (false negatives: see KnownPairs)."""
     emb_a, emb_b = F.normalize(emb_a, dim=-1), F.normalize(emb_b, dim=-1)
     all_a, all_b = gather_with_grad(emb_a, accelerator), gather_with_grad(emb_b, accelerator)
+    if emb_hard is not None:
+        all_b = torch.cat([all_b, gather_with_grad(F.normalize(emb_hard, dim=-1), accelerator)])
     offset = accelerator.process_index * emb_a.shape[0] if accelerator else 0
     targets = torch.arange(emb_a.shape[0], device=emb_a.device) + offset
     a_to_b, b_to_a = scale * emb_a @ all_b.T, scale * emb_b @ all_a.T
@@ -181,14 +197,46 @@ class KnownPairs:
         keys = torch.cat([pairs[0] * self.num_texts + pairs[1], pairs[1] * self.num_texts + pairs[0]])
         self.positive_keys = torch.unique(keys)  # sorted
 
-    def masks(self, ids_a: torch.Tensor, ids_b: torch.Tensor, accelerator: Accelerator | None = None):
-        """The (a_to_b, b_to_a) masks of false negatives for this process's pairs against the global batch."""
+    def masks(self, ids_a: torch.Tensor, ids_b: torch.Tensor, accelerator: Accelerator | None = None, ids_hard=None):
+        """The (a_to_b, b_to_a) masks of false negatives for this process's pairs against the global batch (and,
+        for a_to_b, the global batch's hard negatives after it)."""
         all_a = accelerator.gather(ids_a) if accelerator else ids_a
         all_b = accelerator.gather(ids_b) if accelerator else ids_b
         offset = accelerator.process_index * ids_a.shape[0] if accelerator else 0
         own = torch.zeros(ids_a.shape[0], all_a.shape[0], dtype=torch.bool, device=ids_a.device)
         own[torch.arange(ids_a.shape[0]), torch.arange(ids_a.shape[0]) + offset] = True
-        return self._false(ids_a, ids_b, all_b) & ~own, self._false(ids_b, ids_a, all_a) & ~own
+        a_to_b = self._false(ids_a, ids_b, all_b) & ~own
+        if ids_hard is not None:
+            all_hard = accelerator.gather(ids_hard) if accelerator else ids_hard
+            a_to_b = torch.cat([a_to_b, self._false(ids_a, ids_b, all_hard)], dim=1)
+        return a_to_b, self._false(ids_b, ids_a, all_a) & ~own
+
+    def hard_negatives(self, domains: list[str], count: int, seed: int) -> list[list[int]]:
+        """For each pair, `count` text ids of its domain's train texts that are neither of its texts nor co-cited
+        with either (drawn once, by `seed`); a DatasetError if a pair has fewer such texts."""
+        rng = np.random.default_rng(seed)
+        partners = [set() for _ in range(self.num_texts)]
+        for a, b in zip(self.ids_a, self.ids_b):
+            partners[a].add(b)
+            partners[b].add(a)
+        texts_of = {}
+        for d, a, b in zip(domains, self.ids_a, self.ids_b):
+            texts_of.setdefault(d, set()).update((a, b))
+        texts_of = {d: np.array(sorted(t)) for d, t in texts_of.items()}
+        drawn = []
+        for d, a, b in zip(domains, self.ids_a, self.ids_b):
+            excluded = partners[a] | partners[b] | {a, b}
+            pool = texts_of[d]
+            chosen = [int(t) for t in rng.choice(pool, size=min(len(pool), 4 * count + 8), replace=False) if t not in excluded]
+            if len(chosen) < count:  # a dense domain: look through all of it
+                chosen = [int(t) for t in rng.permutation(pool) if t not in excluded]
+            if len(chosen) < count:
+                raise DatasetError(
+                    f"domain {d}: a train pair has fewer than {count} train texts of its domain that are co-cited with "
+                    "neither of its texts; lower --hard_negatives."
+                )
+            drawn.append(chosen[:count])
+        return drawn
 
     def _false(self, anchors, positives, candidates):
         same_text = (candidates[None, :] == anchors[:, None]) | (candidates[None, :] == positives[:, None])
@@ -218,8 +266,9 @@ def load_model(args, domains: list[str]):
     )
 
 
-def training_pairs(datasets: dict, domains: list[str]):
-    """The positive train pairs of every domain, with the domain id and text ids; and their KnownPairs."""
+def training_pairs(datasets: dict, domains: list[str], hard_negatives: int = 0, seed: int = 0):
+    """The positive train pairs of every domain, with the domain id and text ids (and `hard_negatives` texts and
+    ids per pair, in columns `hard`, `id_hard`); and their KnownPairs."""
     from datasets import concatenate_datasets
 
     parts = []
@@ -230,7 +279,12 @@ def training_pairs(datasets: dict, domains: list[str]):
         parts.append(positives.select_columns(["a", "b"]).add_column("domain_id", [domains.index(domain)] * len(positives)))
     pairs = concatenate_datasets(parts)
     known = KnownPairs(pairs["a"], pairs["b"])
-    return pairs.add_column("id_a", known.ids_a).add_column("id_b", known.ids_b), known
+    pairs = pairs.add_column("id_a", known.ids_a).add_column("id_b", known.ids_b)
+    if hard_negatives:
+        texts = {i: t for t, i in zip(list(pairs["a"]) + list(pairs["b"]), known.ids_a + known.ids_b)}
+        hard = known.hard_negatives([domains[i] for i in pairs["domain_id"]], hard_negatives, seed)
+        pairs = pairs.add_column("id_hard", hard).add_column("hard", [[texts[i] for i in ids] for ids in hard])
+    return pairs, known
 
 
 class DomainBatchSampler(torch.utils.data.Sampler):
@@ -292,31 +346,54 @@ def make_collate(model, tokenizer, max_seq_length: int):
     tokens = model.config.domain_tokens
 
     def collate(rows):
-        def encode(column):
-            texts = [f"{tokens[r['domain_id']]} {r[column]}" for r in rows]
+        def encode(texts, domain_ids):
+            texts = [f"{tokens[d]} {t}" for t, d in zip(texts, domain_ids)]
             return tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
 
-        return {
-            "a": encode("a"),
-            "b": encode("b"),
-            "domain_ids": torch.tensor([r["domain_id"] for r in rows]),
+        domain_ids = [r["domain_id"] for r in rows]
+        batch = {
+            "a": encode([r["a"] for r in rows], domain_ids),
+            "b": encode([r["b"] for r in rows], domain_ids),
+            "domain_ids": torch.tensor(domain_ids),
             "id_a": torch.tensor([r["id_a"] for r in rows]),
             "id_b": torch.tensor([r["id_b"] for r in rows]),
         }
+        if "hard" in rows[0]:  # k per pair, pair-major: rows i*k .. i*k+k-1 belong to pair i
+            k = len(rows[0]["hard"])
+            batch["hard"] = encode([t for r in rows for t in r["hard"]], [d for d in domain_ids for _ in range(k)])
+            batch["hard_domain_ids"] = torch.tensor(domain_ids).repeat_interleave(k)
+            batch["id_hard"] = torch.tensor([i for r in rows for i in r["id_hard"]])
+        return batch
 
     return collate
 
 
 def backward_step(model, batch, args, accelerator, known_pairs) -> torch.Tensor:
     """The MNR loss of one batch, with its gradients accumulated into the model; returns the loss."""
-    ignore = known_pairs.masks(batch["id_a"], batch["id_b"], accelerator) if args.mask_false_negatives else None
+    ignore = None
+    if args.mask_false_negatives:
+        ignore = known_pairs.masks(batch["id_a"], batch["id_b"], accelerator, batch.get("id_hard"))
     if 0 < args.cached_mini_batch_size < len(batch["domain_ids"]):
         return cached_backward_step(model, batch, args, accelerator, ignore)
-    emb_a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
-    emb_b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
-    loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore)
+    emb_a, emb_b, emb_hard = embed_sides(model, batch)
+    loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore, emb_hard)
     accelerator.backward(loss)
     return loss.detach()
+
+
+def embed_sides(model, batch, rows=None) -> list:
+    """Embeddings of the a, b (and hard negative) texts of the pairs `rows` (all by default): [a, b, hard|None]."""
+    rows = torch.arange(len(batch["domain_ids"])) if rows is None else rows
+
+    def embed(side, index, domain_ids):
+        return model(**{k: v[index] for k, v in batch[side].items()}, domain_ids=domain_ids[index]).pooler_output
+
+    sides = [embed(side, rows, batch["domain_ids"]) for side in ("a", "b")]
+    if "hard" not in batch:
+        return sides + [None]
+    k = len(batch["hard_domain_ids"]) // len(batch["domain_ids"])
+    hard_rows = (rows[:, None] * k + torch.arange(k)).flatten()
+    return sides + [embed("hard", hard_rows, batch["hard_domain_ids"])]
 
 
 def cached_backward_step(model, batch, args, accelerator, ignore) -> torch.Tensor:
@@ -324,28 +401,27 @@ def cached_backward_step(model, batch, args, accelerator, ignore) -> torch.Tenso
     2) the loss on those embeddings gives d loss / d embedding; 3) each mini-batch is embedded again with a graph
     and the same dropout (RNG state restored), and backpropagated with that cached gradient. Memory: one
     mini-batch's activations; gradients: those of the whole batch at once."""
-    rows = torch.arange(len(batch["domain_ids"])).split(args.cached_mini_batch_size)
-
-    def embed(index):
-        return [model(**{k: v[index] for k, v in batch[side].items()}, domain_ids=batch["domain_ids"][index]).pooler_output
-                for side in ("a", "b")]
-
+    chunks = torch.arange(len(batch["domain_ids"])).split(args.cached_mini_batch_size)
     rng_states, embeddings = [], []
     with torch.no_grad():
-        for index in rows:
+        for rows in chunks:
             rng_states.append(rng_state())
-            embeddings.append(embed(index))
-    emb_a, emb_b = (torch.cat([e[i] for e in embeddings]).float().requires_grad_() for i in (0, 1))
-    loss = multiple_negatives_ranking_loss(emb_a, emb_b, args.scale, accelerator, ignore)
+            embeddings.append(embed_sides(model, batch, rows))
+    cached = [None if e[0] is None else torch.cat(e).float().requires_grad_() for e in zip(*embeddings)]
+    loss = multiple_negatives_ranking_loss(*cached[:2], args.scale, accelerator, ignore, cached[2])
     loss.backward()  # only as far as the embeddings
     after = rng_state()
-    for n, (index, state) in enumerate(zip(rows, rng_states)):
+    starts = np.cumsum([0] + [len(e[2]) if e[2] is not None else 0 for e in embeddings])
+    for n, (rows, state) in enumerate(zip(chunks, rng_states)):
         set_rng_state(state)
-        last = n == len(rows) - 1
+        last = n == len(chunks) - 1
         # gradients are all-reduced once, on the last mini-batch of a step that syncs
         with contextlib.nullcontext() if last and accelerator.sync_gradients else accelerator.no_sync(model):
-            a, b = embed(index)
-            accelerator.backward((a.float() * emb_a.grad[index]).sum() + (b.float() * emb_b.grad[index]).sum())
+            a, b, hard = embed_sides(model, batch, rows)
+            surrogate = (a.float() * cached[0].grad[rows]).sum() + (b.float() * cached[1].grad[rows]).sum()
+            if hard is not None:
+                surrogate = surrogate + (hard.float() * cached[2].grad[starts[n] : starts[n + 1]]).sum()
+            accelerator.backward(surrogate)
     set_rng_state(after)
     return loss.detach()
 
@@ -608,7 +684,7 @@ def main(argv=None):
     try:
         datasets = load_domain_datasets(specs)
         domains = list(specs)
-        train_pairs, known_pairs = training_pairs(datasets, domains)
+        train_pairs, known_pairs = training_pairs(datasets, domains, args.hard_negatives, args.seed)
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
     model, tokenizer = load_model(args, domains)
@@ -621,7 +697,7 @@ def main(argv=None):
     batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
     optimizer = make_optimizer(model, args)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    max_steps = args.max_train_steps or (args.num_train_epochs * updates_per_epoch if args.num_train_epochs else QUICK_STEPS)
     epochs = math.ceil(max_steps / max(updates_per_epoch, 1))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(args.warmup_ratio * max_steps) * accelerator.num_processes, max_steps * accelerator.num_processes

@@ -1,16 +1,22 @@
 """Build co-citation pair datasets.
 
-    # from a local citation graph: papers (id, text, domain) and citations (citing, cited), csv/tsv/jsonl/parquet
-    python -m data.build graph --papers papers.parquet --citations citations.csv --output_dir my_pairs
+    # from a local citation graph: papers (id, text, domain) and citations (citing, cited), csv/tsv/jsonl/parquet,
+    # the text formats also compressed (papers.csv.gz)
+    python -m data.build graph --papers papers.csv.gz --citations citations.csv.gz --output_dir my_pairs
 
     # from PubMed (needs internet): one domain per query
     python -m data.build pubmed --domain CVD --query '"cardiovascular diseases"[MeSH] AND 2015:2024[dp]' \
         --output_dir cvd_pairs --cache_dir .pubmed_cache [--api_key KEY]
 
-    # the embedded sample, byte for byte, from ../shared/data/citeseer
-    python -m data.build citeseer
+    # the embedded default, byte for byte, from ../shared/data/synergy (SYNERGY, CC0)
+    python -m data.build synergy
 
-Each writes `<output_dir>/<DOMAIN>/{train,valid,test}.parquet` and `summary.json`, and prints the summary.
+    # CiteSeer (computer science) from ../shared/data/citeseer
+    python -m data.build citeseer --output_dir data/citeseer
+
+Each writes `<output_dir>/<DOMAIN>/{train,valid,test}.parquet` and `summary.json`, and prints the summary. A domain
+that cannot give usable splits (no co-cited pair, or too few never-co-cited pairs for balanced negatives) is left
+out with one line saying why; the others are built.
 `--push_to_hub ORG/NAME` also publishes the pairs with a dataset card (one config per domain).
 """
 
@@ -23,7 +29,9 @@ import pandas as pd
 from data.cocitation import BuildOptions, build_pairs, format_summary, make_graph, read_table, write_pairs
 from data.loading import SAMPLE_DIR
 
-SHARED_CITESEER = Path(__file__).resolve().parents[2] / "shared" / "data" / "citeseer"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_CITESEER = SHARED_DATA / "citeseer"
+SHARED_SYNERGY = SHARED_DATA / "synergy"
 
 
 def read_citeseer(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -44,31 +52,57 @@ def build_and_write(papers, citations, options: BuildOptions, output_dir: Path, 
     return summary
 
 
-SAMPLE_README = """# CiteSeer co-citation pairs (embedded sample)
+def as_typed(path) -> str:
+    """A path as the user gave it, or only its file name if absolute: what is published names no local folder."""
+    return Path(path).name if Path(path).is_absolute() else str(path)
 
-The default dataset of `train.py` and `eval.py`: pairs of computer-science abstracts labelled co-cited (1: both
-cited by a third paper of the collection) or not (0), one folder per subject label, which stand in for the
-paper's biomedical domains (CVD, COPD, ...). Files: `<DOMAIN>/{{train,valid,test}}.parquet` with columns `a`, `b`,
-`label`, `domain`, `paper_a`, `paper_b`, `cocitation_count`; `summary.json` holds the statistics below.
 
-Source: the CiteSeer collection of the LINQS group (Sen et al., "Collective classification in network data",
-AI Magazine 2008), in the text-attributed version distributed with the TAPE project (He et al., 2023): 3,186
-papers with title + abstract, 6 subject labels, 4,732 citation links. The collection states no separate data
-licence; cite both works when you use these pairs.
+SAMPLE_README = """# {title}
 
-Built with `python -m data.build citeseer` (the command rebuilds these files byte for byte from
-`../shared/data/citeseer`): split by paper, so no abstract of `test` or `valid` occurs in `train`; co-cited pairs
-across subject labels are left out; `valid` and `test` are balanced with random never-co-cited, non-citing pairs of
-the same split; `train` holds positives only (negatives come from the batch); seed {seed}.
+Pairs of abstracts labelled co-cited (1: both cited by a third paper of the collection) or not (0), one folder
+per domain. Files: `<DOMAIN>/{{train,valid,test}}.parquet` with columns `a`, `b`, `label`, `domain`, `paper_a`,
+`paper_b`, `cocitation_count`; `summary.json` holds the statistics below.
+
+{source}
+
+Built with `python -m data.build {command}`, which rebuilds these files byte for byte from
+`../shared/data/{command}`: split by paper, so no abstract of `test` or `valid` occurs in `train` (papers with the
+same text are merged first); `valid` and `test` are random papers of the domain, chosen until each holds its share
+of the kept co-cited pairs; co-cited pairs across domains and pairs straddling two splits are left out; `valid` and
+`test` are balanced with random never-co-cited, non-citing pairs of the same split; `train` holds positives only
+(negatives come from the batch); seed {seed}.
 
 {table}
 """
 
+SYNERGY_SOURCE = """The default dataset of `train.py` and `eval.py`. Source: SYNERGY (De Bruin, Ma, Ferdinands, Teijema & van de
+Schoot, "SYNERGY - Open machine learning dataset on study selection in systematic reviews", DataverseNL 2023,
+doi:10.34894/HE6NAQ), released under CC0 1.0; its records are OpenAlex metadata (CC0). Each domain is one
+systematic review (all its screened candidate papers): Chou_2004 skeletal muscle relaxants, Donners_2021
+emicizumab in haemophilia A, Jeyaraman_2020 mesenchymal stem cells for knee cartilage, Meijboom_2021 switching
+back from biosimilar TNF inhibitors, Muthu_2022 cellular therapy for rotator cuff tears, Nelson_2002 hormone
+replacement therapy, Oud_2018 psychotherapies for borderline personality disorder, Sep_2021 the rodent
+object-in-context task, van_der_Valk_2021 hair cortisol and body weight. Text: title + abstract (rebuilt from
+OpenAlex's inverted index); citations: OpenAlex `referenced_works` within the collection."""
 
-def build_citeseer(source: Path, output_dir: Path, options: BuildOptions) -> dict:
-    papers, links = read_citeseer(source)
-    summary = build_and_write(papers, links, options, output_dir, {"kind": "citeseer", "files": "citeseer_texts.txt, citeseer.cites"})
-    (output_dir / "README.md").write_text(SAMPLE_README.format(seed=options.seed, table=format_summary(summary)))
+CITESEER_SOURCE = """Computer-science abstracts, one domain per subject label. Source: the CiteSeer collection of the LINQS group
+(Sen et al., "Collective classification in network data", AI Magazine 2008), in the text-attributed version
+distributed with the TAPE project (He et al., 2023): 3,186 papers with title + abstract, 6 subject labels, 4,732
+citation links. The collection states no separate data licence; cite both works when you use these pairs."""
+
+
+def build_sample(command: str, source: Path, output_dir: Path, options: BuildOptions) -> dict:
+    """Build a sample from the shared files and write its README (the dataset card)."""
+    if command == "synergy":
+        papers = read_table(source / "papers.csv.gz")
+        links = read_table(source / "citations.csv.gz")
+        files, title, text = "papers.csv.gz, citations.csv.gz", "SYNERGY co-citation pairs (embedded default)", SYNERGY_SOURCE
+    else:
+        papers, links = read_citeseer(source)
+        files, title, text = "citeseer_texts.txt, citeseer.cites", "CiteSeer co-citation pairs", CITESEER_SOURCE
+    summary = build_and_write(papers, links, options, output_dir, {"kind": command, "files": files})
+    readme = SAMPLE_README.format(title=title, source=text, command=command, seed=options.seed, table=format_summary(summary))
+    (output_dir / "README.md").write_text(readme)
     return summary
 
 
@@ -143,10 +177,12 @@ def main(argv=None):
     pubmed.add_argument("--api_key", default=None, help="NCBI API key: 10 requests/s instead of 3")
     pubmed.add_argument("--email", default=None)
     pubmed.add_argument("--base_url", default="https://eutils.ncbi.nlm.nih.gov/entrez/eutils/")
-    citeseer = commands.add_parser("citeseer", help="rebuild the embedded sample")
+    synergy = commands.add_parser("synergy", help="rebuild the embedded default from ../shared/data/synergy")
+    synergy.add_argument("--source", type=Path, default=SHARED_SYNERGY)
+    citeseer = commands.add_parser("citeseer", help="CiteSeer pairs from ../shared/data/citeseer")
     citeseer.add_argument("--source", type=Path, default=SHARED_CITESEER)
-    for sub in (graph, pubmed, citeseer):
-        sub.add_argument("--output_dir", type=Path, default=SAMPLE_DIR if sub is citeseer else None, required=sub is not citeseer)
+    for sub in (graph, pubmed, synergy, citeseer):
+        sub.add_argument("--output_dir", type=Path, default=SAMPLE_DIR if sub is synergy else None, required=sub is not synergy)
         sub.add_argument("--split_by", choices=["paper", "pair"], default="paper")
         sub.add_argument("--split_fractions", default="0.8,0.1,0.1", help="train,valid,test share of co-cited pairs")
         sub.add_argument("--train_negatives", type=float, default=0.0, help="negatives per positive in train")
@@ -162,12 +198,12 @@ def main(argv=None):
         seed=args.seed,
     )
     if args.command == "graph":
-        provenance = {"kind": "graph", "papers": str(args.papers), "citations": str(args.citations)}
+        provenance = {"kind": "graph", "papers": as_typed(args.papers), "citations": as_typed(args.citations)}
         summary = build_and_write(read_table(args.papers), read_table(args.citations), options, args.output_dir, provenance)
     elif args.command == "pubmed":
         summary = build_pubmed(args, options)
     else:
-        summary = build_citeseer(args.source, args.output_dir, options)
+        summary = build_sample(args.command, args.source, args.output_dir, options)
     if args.push_to_hub:
         push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub, args.hub_private_repo, args.hub_token)
 

@@ -20,7 +20,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
-from scipy.sparse.csgraph import breadth_first_order, connected_components
 
 SPLITS = ("train", "valid", "test")
 
@@ -55,14 +54,25 @@ class CitationGraph:
 # --------------------------------------------------------------------------------------------- reading tables
 
 
+TABLE_FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
+    """A csv/tsv/jsonl/parquet table; the text formats also gzip-, bz2-, xz- or zstd-compressed (`papers.csv.gz`)."""
     path = Path(path)
-    readers = {".csv": pd.read_csv, ".tsv": lambda p: pd.read_csv(p, sep="\t"), ".parquet": pd.read_parquet}
-    if path.suffix in (".jsonl", ".json"):
-        return pd.read_json(path, lines=path.suffix == ".jsonl", dtype=False)
-    if path.suffix not in readers:
-        raise ValueError(f"{path}: unsupported table format {path.suffix!r}; use .csv, .tsv, .jsonl or .parquet.")
-    return readers[path.suffix](path, **({"dtype": str} if path.suffix in (".csv", ".tsv") else {}))
+    suffixes = path.suffixes[-2:]
+    compressed = bool(suffixes) and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst")
+    kind = suffixes[0] if compressed and len(suffixes) == 2 else path.suffix
+    if kind not in TABLE_FORMATS or (compressed and kind == ".parquet"):
+        raise ValueError(
+            f"{path}: unsupported table format {''.join(suffixes)!r}; use .csv, .tsv, .jsonl or .parquet "
+            "(the text formats may be compressed, e.g. .csv.gz)."
+        )
+    if kind == ".parquet":
+        return pd.read_parquet(path)
+    if kind in (".jsonl", ".json"):
+        return pd.read_json(path, lines=kind == ".jsonl", dtype=False)  # compression from the file name
+    return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str)
 
 
 def _require_columns(table: pd.DataFrame, columns: tuple, what: str):
@@ -81,10 +91,16 @@ def make_graph(papers: pd.DataFrame, citations: pd.DataFrame) -> CitationGraph:
     if duplicated.any():
         raise ValueError(f"paper ids occur more than once: {papers['id'][duplicated].unique()[:5].tolist()}.")
     papers = papers[~empty].reset_index(drop=True)
+    # one paper per text: the same abstract under two ids would otherwise land in two splits (a leak)
+    same_text = papers["text"].str.split().str.join(" ")
+    first_id = papers.groupby(same_text, sort=False)["id"].transform("first")
+    merged = first_id != papers["id"]
+    merged_into = dict(zip(papers["id"][merged], first_id[merged]))
+    papers = papers[~merged].reset_index(drop=True)
     index = pd.Series(np.arange(len(papers)), index=papers["id"])
 
-    citing = citations["citing"].astype(str)
-    cited = citations["cited"].astype(str)
+    citing = citations["citing"].astype(str).replace(merged_into)
+    cited = citations["cited"].astype(str).replace(merged_into)
     self_links = citing == cited
     known_cited = cited.isin(index.index)
     links = pd.DataFrame({"citing": citing, "cited": cited})[known_cited & ~self_links].drop_duplicates()
@@ -92,6 +108,7 @@ def make_graph(papers: pd.DataFrame, citations: pd.DataFrame) -> CitationGraph:
     stats = {
         "papers": int(len(papers)),
         "papers_without_text_dropped": int(empty.sum()),
+        "duplicate_texts_merged": int(merged.sum()),
         "citation_links": int(len(citations)),
         "self_citations_dropped": int(self_links.sum()),
         "links_to_papers_without_text_dropped": int((~known_cited & ~self_links).sum()),
@@ -138,44 +155,36 @@ def _pair_keys(i: np.ndarray, j: np.ndarray, n: int) -> np.ndarray:
 def split_papers(rows, cols, papers: np.ndarray, fractions, rng) -> np.ndarray:
     """Assign each paper of one domain to a split (0 train, 1 valid, 2 test).
 
-    The papers are laid out component by component of the co-citation graph (in a random order of components,
-    breadth-first inside each), so that co-cited papers sit close together. Then `test` takes the shortest tail of
-    that layout holding its share of the pairs within it, and `valid` the shortest stretch before that; `train`
-    keeps the rest. Pairs that straddle two splits are dropped: the price of splits that share no abstract.
+    Everything starts in train. Random papers then move, one at a time, to the held-out split furthest below its
+    share of the pairs kept so far, until `valid` and `test` each hold their fraction of the kept pairs. Random
+    papers spread the held-out positives over the whole domain (a compact block of the co-citation graph would
+    hold few citing contexts and look unlike the rest). Pairs that straddle two splits are dropped: the price of
+    splits that share no abstract. Papers with no co-cited partner are spread in proportion to the papers of each
+    split, as the pool of random negatives.
     """
     m = len(papers)
     local = np.full(int(papers.max()) + 1 if m else 0, -1, dtype=np.int64)
     local[papers] = np.arange(m)
     li, lj = local[rows], local[cols]
-    position = np.empty(m, dtype=np.int64)
-    position[_component_layout(li, lj, m, rng)] = np.arange(m)
-    first, last = np.minimum(position[li], position[lj]), np.maximum(position[li], position[lj])
-    test_start = _tail_start(first, fractions[2] * len(li), end=m)
-    valid_start = _tail_start(first[last < test_start], fractions[1] * len(li), end=test_start)
-    return np.searchsorted(np.array([valid_start, test_start]), position, side="right")
-
-
-def _tail_start(first: np.ndarray, wanted: float, end: int) -> int:
-    """The latest layout position from which at least `wanted` of these pairs (given by the position of their
-    earlier paper) lie inside the tail ending at `end`; all of them if there are fewer."""
-    wanted = min(int(np.ceil(wanted)), len(first))
-    return int(np.sort(first)[len(first) - wanted]) if wanted else end
-
-
-def _component_layout(li, lj, m, rng) -> np.ndarray:
     adjacency = sp.csr_matrix((np.ones(len(li), dtype=np.int8), (li, lj)), shape=(m, m))
     adjacency = (adjacency + adjacency.T).tocsr()
-    n_components, component = connected_components(adjacency, directed=False)
-    by_component = np.argsort(component, kind="stable")
-    members_of = np.split(by_component, np.flatnonzero(np.diff(component[by_component])) + 1)
-    order = []
-    for c in rng.permutation(n_components):
-        members = members_of[c]
-        if len(members) > 1:
-            start = members[rng.integers(len(members))]
-            members = breadth_first_order(adjacency, start, directed=False, return_predecessors=False)
-        order.append(members)
-    return np.concatenate(order) if order else np.array([], dtype=np.int64)
+    split = np.zeros(m, dtype=np.int64)
+    kept = np.array([len(li), 0, 0], dtype=np.float64)  # pairs inside each split
+    wanted = np.asarray(fractions, dtype=np.float64)
+    connected = np.diff(adjacency.indptr) > 0
+    for paper in rng.permutation(np.flatnonzero(connected)):
+        shortfall = wanted[1:] * kept.sum() - kept[1:]
+        if (shortfall <= 0).all():
+            break
+        target = 1 + int(np.argmax(shortfall / np.maximum(wanted[1:], 1e-12)))
+        partners = split[adjacency.indices[adjacency.indptr[paper] : adjacency.indptr[paper + 1]]]
+        kept[0] -= (partners == 0).sum()
+        kept[target] += (partners == target).sum()
+        split[paper] = target
+    loose = np.flatnonzero(~connected)
+    shares = np.bincount(split[connected], minlength=3) if connected.any() else wanted
+    split[loose] = rng.choice(3, size=len(loose), p=shares / shares.sum())
+    return split
 
 
 def sample_negatives(papers: np.ndarray, count: int, forbidden: np.ndarray, drawn: np.ndarray, n: int, rng) -> np.ndarray:
@@ -221,19 +230,32 @@ def build_pairs(graph: CitationGraph, options: BuildOptions = BuildOptions()) ->
         "cocited_pairs": int(len(rows)),
         "cross_domain_pairs_left_out": int((~same_domain).sum()),
         "domains": {},
+        "domains_left_out": {},
     }
     tables, drawn = {}, np.zeros(0, dtype=np.int64)
     for domain in sorted(set(graph.domains.tolist())):
         in_domain = same_domain & (graph.domains[rows] == domain)
         papers = np.flatnonzero(graph.domains == domain)
-        tables[domain], summary["domains"][domain], drawn = _build_domain(
-            graph, domain, papers, rows[in_domain], cols[in_domain], values[in_domain], forbidden, drawn, options, rng
-        )
+        try:
+            tables[domain], summary["domains"][domain], drawn = _build_domain(
+                graph, domain, papers, rows[in_domain], cols[in_domain], values[in_domain], forbidden, drawn, options, rng
+            )
+        except DomainLeftOut as reason:
+            summary["domains_left_out"][domain] = str(reason)
+    kept = sum(s[split]["positives"] for s in summary["domains"].values() for split in SPLITS)
+    in_domains = int(same_domain.sum())
+    summary["kept_share"] = kept / in_domains if in_domains else 0.0  # of the within-domain co-cited pairs
     return tables, summary
+
+
+class DomainLeftOut(Exception):
+    """A domain that cannot give usable splits; the message says why. The other domains are built."""
 
 
 def _build_domain(graph, domain, papers, rows, cols, values, forbidden, drawn, options, rng):
     n = len(graph.paper_ids)
+    if len(rows) == 0:
+        raise DomainLeftOut(f"no co-cited pair among its {len(papers)} papers")
     if options.split_by == "paper":
         paper_split = np.full(n, -1)
         paper_split[papers] = split_papers(rows, cols, papers, options.split_fractions, rng)
@@ -247,7 +269,12 @@ def _build_domain(graph, domain, papers, rows, cols, values, forbidden, drawn, o
         mine = pair_split == s
         positives = np.stack([rows[mine], cols[mine]], axis=1)
         ratio = options.train_negatives if split == "train" else 1.0
-        negatives = sample_negatives(split_papers_of[s], int(round(ratio * len(positives))), forbidden, drawn, n, rng)
+        if split != "train" and len(positives) == 0 and options.split_fractions[s] > 0:
+            raise DomainLeftOut(f"its {len(rows)} co-cited pairs leave no positive pair for {split}")
+        try:
+            negatives = sample_negatives(split_papers_of[s], int(round(ratio * len(positives))), forbidden, drawn, n, rng)
+        except ValueError as error:
+            raise DomainLeftOut(f"{split}: {error}") from None
         drawn = np.concatenate([drawn, _pair_keys(negatives[:, 0], negatives[:, 1], n)])  # no pair twice
         pairs = np.concatenate([positives, negatives])
         labels = np.concatenate([np.ones(len(positives), dtype=np.int64), np.zeros(len(negatives), dtype=np.int64)])
@@ -310,6 +337,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"| {domain} | {stats['papers']} | " + " | ".join(cells) + f" | {stats['straddling_pairs_dropped']} |")
     lines.append(
         f"\n{summary['cocited_pairs']} co-cited pairs in the graph; {summary['cross_domain_pairs_left_out']} cross-domain "
-        "pairs left out."
+        f"pairs left out; {summary['kept_share']:.1%} of the within-domain pairs kept in a split."
     )
+    lines += [f"Domain {d} left out: {why}." for d, why in summary["domains_left_out"].items()]
     return "\n".join(lines)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "citeseer"
+SAMPLE_DIR = Path(__file__).resolve().parent / "synergy"
 SPLITS = ("train", "valid", "test")
 REQUIRED_COLUMNS = ("a", "b", "label")
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}
@@ -21,7 +21,7 @@ class DatasetError(ValueError):
 
 
 def sample_specs() -> dict[str, str]:
-    """The embedded CiteSeer sample: one domain per folder of `data/citeseer/`."""
+    """The embedded default (SYNERGY): one domain per folder of `data/synergy/`."""
     return {d.name: str(d) for d in sorted(SAMPLE_DIR.iterdir()) if d.is_dir()}
 
 

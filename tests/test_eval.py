@@ -120,3 +120,27 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
         hidden = AutoModel.from_pretrained(tiny_bert)(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
     np.testing.assert_allclose(encoder.encode(texts, "CVD"), hidden[:, 0].numpy(), atol=1e-5)  # CLS, not the mean
     assert isinstance(evaluation.load_encoder(tiny_bert, args), evaluation.TransformerEncoder)  # no modules.json
+
+
+def write_pair_folders(root, domains, frame):
+    for domain in domains:
+        (root / domain).mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            frame.to_csv(root / domain / f"{split}.csv", index=False)
+    return [f"--dataset={d}={root / d}" for d in domains]
+
+
+def test_bootstrap_gains_are_written_and_printed(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(40)]
+    rows = [(" ".join(rng.choice(words, 6)), " ".join(rng.choice(words, 6)), int(rng.integers(0, 2))) for _ in range(40)]
+    datasets = write_pair_folders(tmp_path / "data", ("CVD", "SKIN"), pd.DataFrame(rows, columns=["a", "b", "label"]))
+    out = tmp_path / "out"
+    args = ["--model", "tfidf", "--model", "again=tfidf", *datasets, "--output_dir", str(out), "--bootstrap", "50"]
+    results = evaluation.main([*args, "--reference", "tfidf"])
+    gain = json.loads((out / "results.json").read_text())["again"]["bootstrap"]
+    assert gain["resamples"] == 50 and gain["vs tfidf"]["mean"]["roc_auc"] == {"gain": 0.0, "low": 0.0, "high": 0.0}
+    assert "bootstrap" not in results["tfidf"] and "| again vs tfidf | +0.000 [+0.000, +0.000]" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluation.main([*args, "--reference", "nosuchmodel"])
+    assert "--reference 'nosuchmodel' is not one of the models" in capsys.readouterr().err

@@ -1,7 +1,19 @@
 import numpy as np
 import pytest
 
-from metrics import OneClassError, at_threshold, best_accuracy, f1_max, honest_metrics, pair_metrics
+from sklearn.metrics import roc_auc_score
+
+from metrics import (
+    OneClassError,
+    at_threshold,
+    best_accuracy,
+    f1_max,
+    f1_max_value,
+    honest_metrics,
+    pair_metrics,
+    paired_bootstrap,
+    roc_auc,
+)
 
 
 def brute_force_f1_max(scores, labels):
@@ -75,3 +87,54 @@ def test_honest_protocol_applies_the_valid_threshold_to_test():
     assert result["accuracy_at_valid_threshold"] == pytest.approx(0.75)
     assert f1_max(*test)["f1_max"] == 1.0
     assert at_threshold(*test, 0.75)["f1"] == 1.0
+
+
+def tied_scores(seed, n=300):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    return np.round(rng.normal(labels * 0.8, 1.0), 1), labels  # rounding makes many ties
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_fast_bootstrap_metrics_equal_the_reference_implementations(seed):
+    scores, labels = tied_scores(seed)
+    assert roc_auc(scores, labels) == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+    assert f1_max_value(scores, labels) == pytest.approx(f1_max(scores, labels)["f1_max"], abs=1e-12)
+    assert f1_max_value(scores, labels) == pytest.approx(brute_force_f1_max(scores, labels)[0], abs=1e-12)
+
+
+def two_domains(make_scores, seed=0):
+    rng = np.random.default_rng(seed)
+    data = {}
+    for domain, n in (("CVD", 200), ("COPD", 120)):
+        labels = np.repeat([0, 1], n // 2)
+        data[domain] = (make_scores(labels, rng), labels)
+    return data
+
+
+def test_bootstrap_interval_excludes_zero_when_one_model_is_clearly_better():
+    better = two_domains(lambda y, rng: rng.normal(2.0 * y, 1.0))
+    worse = two_domains(lambda y, rng: rng.normal(0.3 * y, 1.0), seed=1)
+    gains = paired_bootstrap({"better": better, "worse": worse}, "worse", resamples=300)
+    for view in ("mean", "all"):
+        for metric in ("roc_auc", "f1_max"):
+            gain = gains["better"][view][metric]
+            assert 0 < gain["low"] < gain["gain"] < gain["high"]
+    assert gains["worse"]["mean"]["roc_auc"] == {"gain": 0.0, "low": 0.0, "high": 0.0}
+
+
+def test_bootstrap_interval_includes_zero_for_two_equally_good_models():
+    one = two_domains(lambda y, rng: rng.normal(1.0 * y, 1.0), seed=2)
+    other = two_domains(lambda y, rng: rng.normal(1.0 * y, 1.0), seed=3)
+    gains = paired_bootstrap({"one": one, "other": other}, "other", resamples=300)
+    for view in ("mean", "all"):
+        for metric in ("roc_auc", "f1_max"):
+            assert gains["one"][view][metric]["low"] < 0 < gains["one"][view][metric]["high"]
+
+
+def test_bootstrap_is_paired_the_same_pairs_for_both_models():
+    reference = two_domains(lambda y, rng: rng.normal(1.0 * y, 1.0), seed=4)
+    shifted = {d: (2 * s + 5, y) for d, (s, y) in reference.items()}  # the same ranking on every resample
+    gains = paired_bootstrap({"shifted": shifted, "reference": reference}, "reference", resamples=200)
+    for metric in ("roc_auc", "f1_max"):
+        assert gains["shifted"]["mean"][metric] == pytest.approx({"gain": 0.0, "low": 0.0, "high": 0.0}, abs=1e-12)
