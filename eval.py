@@ -339,11 +339,11 @@ def main(argv=None):
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resamples for the gains' 95%% intervals")
     parser.add_argument(
         "--reference", action="append", metavar="NAME", help="model the gains are measured against, repeatable "
-        "(default: base, else the first model)",
+        "(default: base and, when evaluated, shared, the one-expert baseline; else the first model)",
     )
     args = parser.parse_args(argv)
     models = parse_model_specs(args.model)
-    references = args.reference or (["base"] if "base" in models else list(models)[:1])
+    references = args.reference or [r for r in ("base", "shared") if r in models] or list(models)[:1]
     unknown = [r for r in references if r not in models]
     if args.bootstrap and unknown:
         parser.error(f"--reference {unknown[0]!r} is not one of the models {list(models)}; name it with --model NAME=PATH.")

@@ -5,10 +5,11 @@ Two papers are *co-cited* when at least one paper cites both; the number of such
 A pair belongs to a domain when both papers do; pairs across domains are left out (the summary counts them).
 
 Splits do not leak by default (`split_by="paper"`): every paper lies in exactly one split and a pair is kept
-only within one, so no abstract of `test` is seen in training. Papers are laid out component by component of the
-co-citation graph (in breadth-first order inside a component) before the cut, so that few co-cited pairs straddle
-two splits. `split_by="pair"` reproduces the paper's random pair split, in which test abstracts also occur in
-training pairs; keep it for comparison with the published numbers only.
+only within one, so no abstract of `test` is seen in training (papers with the same text are merged first).
+`valid` and `test` are random papers of the domain, added one at a time until each holds its share of the kept
+co-cited pairs (see `split_papers`). A domain that cannot give usable splits is left out with the reason in the
+summary, and the others are built. `split_by="pair"` reproduces the paper's random pair split, in which test
+abstracts also occur in training pairs; keep it for comparison with the published numbers only.
 """
 
 import json

@@ -3,11 +3,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT
 
-from data.build import SHARED_CITESEER, build_citeseer
-from data.cocitation import BuildOptions, build_pairs, cocitation_matrix, make_graph, write_pairs
+from data.build import SHARED_CITESEER, SHARED_SYNERGY, build_sample
+from data.cocitation import BuildOptions, build_pairs, cocitation_matrix, format_summary, make_graph, read_table, write_pairs
 from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs, sample_specs
 
 
@@ -59,7 +60,7 @@ def test_positives_and_negatives_on_a_hand_made_graph():
     assert len(pairs) == 6 and not pairs & never_allowed
     assert all(a < b for a, b in pairs) and set(negatives.cocitation_count) == {0}
     assert summary["cross_domain_pairs_left_out"] == 1
-    assert len(tables["Y"]["train"]) == 0
+    assert "Y" not in tables and summary["domains_left_out"]["Y"] == "no co-cited pair among its 1 papers"
     assert (train.a == "abstract " + train.paper_a.str[1:]).all()
 
 
@@ -117,14 +118,119 @@ def test_make_graph_names_missing_columns():
         make_graph(pd.concat([papers, papers.head(1)]), citations)
 
 
-@pytest.mark.skipif(not SHARED_CITESEER.exists(), reason="../shared/data/citeseer is not beside this checkout")
-def test_sample_rebuilds_byte_for_byte(tmp_path):
-    build_citeseer(SHARED_CITESEER, tmp_path, BuildOptions())
-    committed = ROOT / "data" / "citeseer"
+def split_texts(tables: dict) -> dict:
+    """{split: set of texts} over all domains."""
+    return {
+        split: {t for splits in tables.values() for side in ("a", "b") for t in splits[split][side].to_pylist()}
+        for split in ("train", "valid", "test")
+    }
+
+
+def test_split_fractions_hold_on_kept_pairs_and_held_out_pairs_come_from_many_papers():
+    papers, citations = random_graph(n_papers=400, n_citing=400, seed=5)  # dense: most papers are co-cited
+    tables, summary = build_pairs(make_graph(papers, citations), BuildOptions(split_fractions=(0.7, 0.2, 0.1)))
+    for stats in summary["domains"].values():
+        kept = sum(stats[s]["positives"] for s in ("train", "valid", "test"))
+        for split, share in (("train", 0.7), ("valid", 0.2), ("test", 0.1)):
+            assert stats[split]["positives"] / kept == pytest.approx(share, abs=0.02), split
+        # many papers, not a compact block: a held-out split holds at least half as many papers as pairs / 3
+        assert stats["test"]["papers"] >= stats["test"]["positives"] / 6
+    assert 0.3 < summary["kept_share"] < 1
+    assert f"{summary['kept_share']:.1%} of the within-domain pairs kept" in format_summary(summary)
+
+
+def test_a_dense_domain_and_an_empty_domain_are_left_out_with_one_line_each(tmp_path, capsys):
+    from data.build import main
+
+    papers, citations = random_graph(seed=2)
+    dense = pd.DataFrame({"id": [f"d{i}" for i in range(12)], "text": [f"dense {i}" for i in range(12)], "domain": "D"})
+    empty = pd.DataFrame({"id": [f"e{i}" for i in range(5)], "text": [f"lonely {i}" for i in range(5)], "domain": "E"})
+    # one review cites all of D: every pair of D is co-cited, so valid and test can get no negative pair
+    clique = pd.DataFrame({"citing": "review", "cited": dense["id"]})
+    pd.concat([papers, dense, empty]).to_csv(tmp_path / "papers.csv", index=False)
+    pd.concat([citations, clique]).to_csv(tmp_path / "citations.csv", index=False)
+    main(["graph", "--papers", str(tmp_path / "papers.csv"), "--citations", str(tmp_path / "citations.csv"),
+          "--output_dir", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("Domain D left out: ")]) == 1
+    assert "Traceback" not in out
+    assert "Domain E left out: no co-cited pair among its 5 papers." in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir() if p.is_dir()) == ["A", "B"]
+    assert load_domain_dataset(str(tmp_path / "out" / "B"))["test"].num_rows > 0
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".tsv.gz", ".jsonl.gz", ".csv.bz2", ".parquet"])
+def test_tables_are_read_as_shipped_also_compressed(tmp_path, suffix):
+    papers, _ = random_graph(n_papers=20)
+    path = tmp_path / f"papers{suffix}"
+    if ".jsonl" in suffix:
+        papers.to_json(path, orient="records", lines=True)
+    elif ".parquet" in suffix:
+        papers.to_parquet(path)
+    else:
+        papers.to_csv(path, sep="\t" if ".tsv" in suffix else ",", index=False)
+    pd.testing.assert_frame_equal(read_table(path), papers)
+
+
+def test_an_unsupported_table_format_is_named():
+    with pytest.raises(ValueError, match=r"unsupported table format '\.xlsx'; use \.csv"):
+        read_table("papers.xlsx")
+
+
+def test_identical_texts_under_two_ids_are_merged_before_splitting():
+    papers, citations = random_graph(seed=4)
+    # each of 40 papers gets a twin: the same abstract (other whitespace) under another id, cited on its own
+    twins = papers.head(40).assign(id=lambda f: f["id"] + "-twin", text=lambda f: "  " + f["text"].str.replace(" ", "   "))
+    twin_links = pd.DataFrame({"citing": [f"t{k // 3}" for k in range(120)], "cited": list(twins["id"]) * 3})
+    graph = make_graph(pd.concat([papers, twins]), pd.concat([citations, twin_links]))
+    assert graph.stats["duplicate_texts_merged"] == 40 and len(graph.paper_ids) == len(papers)
+    assert not any(i.endswith("-twin") for i in graph.paper_ids)
+    # the twins' citations now count for the kept paper
+    assert graph.stats["citing_papers"] == citations["citing"].nunique() + 40
+    texts = split_texts(build_pairs(graph, BuildOptions(seed=4))[0])
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["valid"] and not texts["valid"] & texts["test"]
+
+
+def test_summary_and_card_record_paths_as_typed_never_absolute(tmp_path, monkeypatch):
+    from data.build import main
+
+    papers, citations = random_graph()
+    papers.to_csv(tmp_path / "papers.csv", index=False)
+    citations.to_csv(tmp_path / "citations.csv.gz", index=False)
+    monkeypatch.chdir(tmp_path)
+    main(["graph", "--papers", str(tmp_path / "papers.csv"), "--citations", "citations.csv.gz", "--output_dir", "out"])
+    summary = (tmp_path / "out" / "summary.json").read_text()
+    assert str(tmp_path) not in summary
+    assert '"papers": "papers.csv"' in summary and '"citations": "citations.csv.gz"' in summary
+
+
+@pytest.mark.skipif(not SHARED_SYNERGY.exists(), reason="../shared/data/synergy is not beside this checkout")
+def test_embedded_default_rebuilds_byte_for_byte(tmp_path):
+    summary = build_sample("synergy", SHARED_SYNERGY, tmp_path, BuildOptions())
+    committed = ROOT / "data" / "synergy"
     files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file())
-    assert len(files) == 6 * 3 + 2
+    assert len(files) == 3 * len(summary["domains"]) + 2 and len(summary["domains"]) >= 8
     for name in files:
         assert (tmp_path / name).read_bytes() == (committed / name).read_bytes(), name
+    assert list(summary["domains_left_out"]) == ["Menon_2022"]
+
+
+def test_no_text_of_valid_or_test_occurs_in_train_of_the_embedded_default():
+    datasets = {d: load_domain_dataset(source, domain=d) for d, source in sample_specs().items()}
+    tables = {d: {s: ds[s].data.table for s in ds} for d, ds in datasets.items()}
+    texts = split_texts(tables)
+    assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"] and not texts["valid"] & texts["test"]
+
+
+@pytest.mark.skipif(not SHARED_CITESEER.exists(), reason="../shared/data/citeseer is not beside this checkout")
+def test_citeseer_duplicate_abstracts_no_longer_leak(tmp_path):
+    summary = build_sample("citeseer", SHARED_CITESEER, tmp_path, BuildOptions())
+    assert sorted(summary["domains"]) == ["AI", "Agents", "DB", "HCI", "IR", "ML"]
+    assert summary["graph"]["duplicate_texts_merged"] >= 2  # DB 40513 / AI 28223, AI 95810 / Agents suryadi99learning
+    tables = {d: {s: pq.read_table(tmp_path / d / f"{s}.parquet") for s in ("train", "valid", "test")}
+              for d in summary["domains"]}
+    texts = split_texts(tables)
+    assert not texts["train"] & texts["test"] and not texts["train"] & texts["valid"]
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -132,8 +238,8 @@ def test_sample_rebuilds_byte_for_byte(tmp_path):
 
 def test_sample_loads_with_all_splits():
     specs = parse_dataset_specs(None)
-    assert specs == sample_specs() and sorted(specs) == ["AI", "Agents", "DB", "HCI", "IR", "ML"]
-    dataset = load_domain_dataset(specs["IR"], domain="IR")
+    assert specs == sample_specs() and len(specs) == 9 and "Jeyaraman_2020" in specs
+    dataset = load_domain_dataset(specs["Chou_2004"], domain="Chou_2004")
     assert set(dataset) == {"train", "valid", "test"}
     assert {"a", "b", "label"} <= set(dataset["test"].column_names)
 

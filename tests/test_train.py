@@ -45,15 +45,66 @@ def test_false_negatives_are_masked_out_of_the_loss():
     assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-@pytest.mark.parametrize("dropout", [False, True])
-def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout):
+def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
+    # domain X: p-q, q-r, s-t, u-v; domain Y: w-x, y-z
+    known = train.KnownPairs(list("pqsuwy"), list("qrtvxz"))
+    domains = ["X"] * 4 + ["Y"] * 2
+    text = dict(zip(known.ids_a + known.ids_b, list("pqsuwy") + list("qrtvxz")))
+    partners = {"p": "q", "q": "pr", "r": "q", "s": "t", "t": "s", "u": "v", "v": "u", "w": "x", "x": "w", "y": "z", "z": "y"}
+    for seed in range(5):
+        drawn, short = known.hard_negatives(domains, 2, seed)
+        assert short == {}
+        for (a, b, domain), hard in zip(zip("pqsuwy", "qrtvxz", domains), drawn):
+            pool = set("pqrstuv") if domain == "X" else set("wxyz")
+            allowed = pool - {a, b} - set(partners[a]) - set(partners[b])
+            assert len(hard) == 2 and {text[i] for i in hard} <= allowed, (a, b, hard)
+    # Y has 4 texts: a pair has only 2 true hard negatives; its third slot is a domain text that, when it is no
+    # true hard negative, the masks leave out of the loss
+    for seed in range(5):
+        drawn, short = known.hard_negatives(domains, 3, seed)
+        assert short == {"Y": 2} and all(len(h) == 3 for h in drawn)
+        ids_a, ids_b, ids_hard = (torch.tensor(x[4:]) for x in (known.ids_a, known.ids_b, drawn))
+        a_to_b, _ = known.masks(ids_a, ids_b, ids_hard=ids_hard.flatten())
+        for row, (a, b) in enumerate(zip("wy", "xz")):
+            allowed = set("wxyz") - {a, b}
+            for slot, i in enumerate(drawn[4 + row]):
+                assert text[i] in allowed or a_to_b[row, 2 + 3 * row + slot], (a, b, text[i])
+
+
+def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked():
+    known = train.KnownPairs(["p", "r", "q"], ["q", "s", "t"])  # pairs p-q, r-s, q-t
+    ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
+    text = dict(zip(known.ids_a + known.ids_b, "prqqst"))
+    ids_hard = torch.tensor([known.ids_b[2], known.ids_a[1], known.ids_a[0]])  # hard negatives t, r, p
+    assert [text[int(i)] for i in ids_hard] == ["t", "r", "p"]
+    a_to_b, b_to_a = known.masks(ids_a, ids_b, ids_hard=ids_hard)
+    # candidates of a: b = q, s, t, then hard = t, r, p. p: q own, t kept (p-t never co-cited), p itself masked;
+    # r: s own, r itself masked; q: t own, t as hard is q's partner, p is q's partner (as b: q is p's positive)
+    assert a_to_b.tolist() == [
+        [False, False, False, False, False, True],
+        [False, False, False, False, True, False],
+        [True, False, False, True, False, True],
+    ]
+    emb_a, emb_b, emb_hard = torch.randn(3, 4), torch.randn(3, 4), torch.randn(3, 4)
+    loss = train.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a), emb_hard=emb_hard)
+    n = torch.nn.functional.normalize
+    logits_a = 20 * n(emb_a, dim=-1) @ n(torch.cat([emb_b, emb_hard]), dim=-1).T
+    logits_a = logits_a.masked_fill(a_to_b, -torch.inf)
+    logits_b = 20 * n(emb_b, dim=-1) @ n(emb_a, dim=-1).T
+    by_hand = sum(-(logits[i, i] - torch.logsumexp(logits[i], 0)) for logits in (logits_a, logits_b) for i in range(3)) / 6
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("dropout, hard_negatives", [(False, 0), (True, 0), (False, 1)])
+def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout, hard_negatives):
     from accelerate import Accelerator
 
     model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     model.train(dropout)
     datasets = train.load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
-    pairs, known = train.training_pairs(datasets, ["CVD", "COPD"])
+    pairs, known = train.training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
     batch = train.make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
+    assert ("hard" in batch) == bool(hard_negatives)
     accelerator = Accelerator(cpu=True)
 
     def gradients(mini_batch_size, chunked_reference=False):
@@ -296,6 +347,22 @@ def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_d
     assert experts and all(not torch.equal(trained[name], start[name]) for name in experts)
     for name in set(trained) - set(experts):
         torch.testing.assert_close(trained[name], start[name], atol=0, rtol=0, msg=name)
+
+
+def test_continuing_a_checkpoint_trains_each_domain_on_its_own_expert(tiny_bert, tiny_data, tmp_path):
+    from modeling_moebert import MoEBertModel
+
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+    model.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    # COPD alone, the checkpoint's second domain: its pairs must reach expert 1, never expert 0 (CVD)
+    train.main(["--model_name_or_path", str(tmp_path / "start"), "--dataset", f"COPD={tiny_data / 'COPD'}",
+                "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
+                "--max_seq_length", "32", "--max_train_steps", "2"])
+    start, trained = model.state_dict(), load_file(tmp_path / "out" / "model.safetensors")
+    for name in (n for n in trained if ".experts." in n):
+        same = torch.equal(trained[name], start[name])
+        assert same == (".experts.0." in name), name
 
 
 def test_best_model_is_kept_and_training_stops_when_valid_stops_improving(tiny_bert, tiny_data, tmp_path, monkeypatch):
