@@ -330,17 +330,18 @@ class DomainBatchSampler(torch.utils.data.Sampler):
 
 def train_dataloader(train_pairs, model, tokenizer, args, num_processes: int) -> DataLoader:
     collate = make_collate(model, tokenizer, args.max_seq_length)
+    # its own generator: starting an epoch must not draw from the global RNG, which drives dropout, or a resumed
+    # run (whose iterator starts after the RNG state is restored) would see other dropout masks
+    generator = torch.Generator().manual_seed(args.seed)
     if args.batching == "domain":
         sampler = DomainBatchSampler(train_pairs["domain_id"], args.per_device_train_batch_size, num_processes, args.seed)
-        return DataLoader(train_pairs, batch_sampler=sampler, collate_fn=collate)
+        return DataLoader(train_pairs, batch_sampler=sampler, collate_fn=collate, generator=generator)
     return DataLoader(
         train_pairs,
         batch_size=args.per_device_train_batch_size,
         shuffle=True,
         drop_last=True,  # equal batches on every process, for the gathered negatives
-        # its own generator: starting an epoch must not draw from the global RNG, which drives dropout, or a
-        # resumed run (whose iterator starts after the RNG state is restored) would see other dropout masks
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=generator,
         collate_fn=collate,
     )
 
@@ -539,7 +540,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
     accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
         model_files = save_model(accelerator.unwrap_model(model), tokenizer, tmp / "model", card)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         if pusher and args.hub_strategy in ("every_save", "checkpoint"):
             pusher.push(final / "model", model_files, "", f"Training in progress, step {step}")
         if pusher and args.hub_strategy == "checkpoint":
@@ -557,6 +558,28 @@ def checkpoints(output_dir: Path) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int:
     return int(path.name.split("-")[-1])
+
+
+def resumed_step(path: Path) -> int:
+    """The step a checkpoint folder was written at, by any name (`checkpoint-40`, the Hub's `last-checkpoint`)."""
+    state = path / "model" / "training_state.json"
+    if not state.is_file():
+        raise SystemExit(
+            f"error: --resume_from_checkpoint {path}: not a checkpoint written by train.py (no model/training_state.json); "
+            "give a checkpoint-<step>/ folder, a downloaded last-checkpoint/, or 'latest'."
+        )
+    return int(json.loads(state.read_text())["step"])
+
+
+def replace_folder(new: Path, final: Path):
+    """Move `new` to `final`, replacing a folder already there (a rerun into the same output dir): the old one is
+    renamed aside first, so at every moment `final` is either the complete old or the complete new folder."""
+    old = final.with_name(f".old-{final.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ Hub
@@ -714,8 +737,8 @@ def main(argv=None):
         path = path or (Path(args.resume_from_checkpoint) if args.resume_from_checkpoint != "latest" else None)
         if path is not None:
             accelerator.print(f"resuming from {path}")
+            step = resumed_step(path)
             accelerator.load_state(str(path))
-            step = checkpoint_step(path)
             start_epoch = step // updates_per_epoch
             skip_batches = (step % updates_per_epoch) * args.gradient_accumulation_steps
 

@@ -227,22 +227,34 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
     assert loaded.config.domains == ["CVD", "COPD"]
 
 
-def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path):
+@pytest.mark.parametrize("resume_from", ["latest", "last-checkpoint"])
+def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path, resume_from):
     import shutil
 
     run_train(tiny_bert, tiny_data, tmp_path / "straight", "--max_train_steps", "4")
-    run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", "--checkpointing_steps", "1",
-              "--checkpoints_total_limit", "0")
-    # as if killed right after the checkpoint of step 1 (mid-epoch: 2 batches per epoch)
-    for later in (2, 3, 4):
-        shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{later}")
+    checkpointing = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
+    run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing)
     (tmp_path / "resumed" / "model.safetensors").unlink()
-    card = run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    if resume_from == "latest":  # as if killed right after the checkpoint of step 1 (mid-epoch: 2 batches per epoch)
+        for later in (2, 3, 4):
+            shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{later}")
+    else:  # step 1's checkpoint as the Hub keeps it (--hub_strategy checkpoint); the rerun rewrites checkpoint-2..4
+        resume_from = str(shutil.copytree(tmp_path / "resumed" / "checkpoint-1", tmp_path / "hub" / "last-checkpoint"))
+    card = run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing,
+                     "--resume_from_checkpoint", resume_from)
     assert card["step"] == 4
     straight = load_file(tmp_path / "straight" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "model.safetensors")
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, atol=1e-5, rtol=1e-4, msg=name)
+    for name in ("model.safetensors", "checkpoint-4/model/model.safetensors"):
+        resumed = load_file(tmp_path / "resumed" / name)
+        for key, tensor in straight.items():
+            torch.testing.assert_close(resumed[key], tensor, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
+    assert not [p.name for p in (tmp_path / "resumed").iterdir() if p.name.startswith(".")]
+
+
+def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tiny_bert, tiny_data, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
+        run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", str(tmp_path / "empty"))
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_data, tmp_path):
