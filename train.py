@@ -302,27 +302,28 @@ class DomainBatchSampler(torch.utils.data.Sampler):
         domain_ids = np.asarray(domain_ids)
         self.groups = [np.flatnonzero(domain_ids == d) for d in np.unique(domain_ids)]
         self.batch_size, self.num_processes, self.seed, self.epoch = batch_size, num_processes, seed, 0
-        too_small = [int(domain_ids[g[0]]) for g in self.groups if len(g) < batch_size * num_processes]
-        if too_small:
-            raise DatasetError(
-                f"--batching domain: domain ids {too_small} have fewer train pairs than one global batch "
-                f"({batch_size} x {num_processes} processes); lower --per_device_train_batch_size or use mixed batches."
+        # a domain with fewer pairs than a global batch gives one smaller batch per epoch (a multiple of P)
+        self.sizes = [min(len(g), batch_size * num_processes) // num_processes * num_processes for g in self.groups]
+        small = {int(domain_ids[g[0]]): len(g) for g, size in zip(self.groups, self.sizes) if size < batch_size * num_processes}
+        if small:
+            print(
+                f"--batching domain: domain ids {list(small)} have fewer train pairs ({list(small.values())}) than one "
+                f"global batch ({batch_size} x {num_processes} processes): each gives one smaller batch per epoch"
+                + (", or none if it has fewer pairs than processes" if min(small.values()) < num_processes else "")
             )
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __len__(self):
-        global_size = self.batch_size * self.num_processes
-        return sum(len(g) // global_size for g in self.groups) * self.num_processes
+        return sum(len(g) // size for g, size in zip(self.groups, self.sizes) if size) * self.num_processes
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
-        global_size = self.batch_size * self.num_processes
         global_batches = []
-        for group in self.groups:
+        for group, size in zip(self.groups, self.sizes):
             shuffled = rng.permutation(group)
-            global_batches += [shuffled[i : i + global_size] for i in range(0, len(shuffled) - global_size + 1, global_size)]
+            global_batches += [shuffled[i : i + size] for i in range(0, len(shuffled) - size + 1, size)] if size else []
         for index in rng.permutation(len(global_batches)):
             for part in np.split(global_batches[index], self.num_processes):
                 yield part.tolist()

@@ -333,7 +333,7 @@ def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tm
     assert "2 processes were launched but Accelerate sees 1" in result.stderr + result.stdout
 
 
-def test_domain_batches_hold_one_domain_per_global_batch():
+def test_domain_batches_hold_one_domain_per_global_batch(capsys):
     domain_ids = [0] * 10 + [1] * 7 + [2] * 4
     sampler = train.DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
     batches = list(sampler)
@@ -345,8 +345,14 @@ def test_domain_batches_hold_one_domain_per_global_batch():
     assert list(sampler) == batches  # the same epoch gives the same order
     sampler.set_epoch(1)
     assert list(sampler) != batches
-    with pytest.raises(train.DatasetError, match=r"fewer train pairs than one global batch \(4 x 2 processes\)"):
-        train.DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
+    # global batches of 8: domain 0 gives one, domains 1 and 2 have fewer pairs and give one smaller batch each
+    # (6 of domain 1's 7, a multiple of the 2 processes; all 4 of domain 2), and the run says so
+    sampler = train.DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
+    assert "domain ids [1, 2] have fewer train pairs ([7, 4]) than one global batch (4 x 2 processes)" in capsys.readouterr().out
+    batches = list(sampler)
+    assert sorted(len(b) for b in batches) == [2, 2, 3, 3, 4, 4] and len(sampler) == 6
+    for first, second in zip(batches[::2], batches[1::2]):
+        assert len(first) == len(second) and len({domain_ids[i] for i in first + second}) == 1
 
 
 def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_data, tmp_path):
