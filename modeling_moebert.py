@@ -9,6 +9,7 @@ This file imports only torch, transformers and its configuration module, so the 
 """
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -345,18 +346,24 @@ class MoEBertModel(MoEBertPreTrainedModel):
         return model, tokenizer
 
     def _add_domain_tokens(self, tokenizer, tokens: list[str]) -> list[int]:
-        """Add the tokens to the tokenizer as special tokens; their embedding rows start as copies of `[CLS]`."""
+        """Add the tokens to the tokenizer as special tokens; their embedding rows start as copies of `[CLS]`.
+
+        The embedding matrix never shrinks: a vocabulary padded beyond the tokenizer (30522 tokens in 30528 rows)
+        first fills its spare rows, and when it must grow it stays padded to the same multiple (the largest power
+        of two up to 128 dividing its size)."""
         clashes = [t for t in tokens if t in tokenizer.get_vocab()]
         if clashes:
             raise ValueError(f"domain tokens {clashes} are already in the tokenizer's vocabulary: choose other names.")
+        rows, known = self.get_input_embeddings().weight.shape[0], len(tokenizer)
         tokenizer.add_tokens(tokens, special_tokens=True)
-        old_size = self.get_input_embeddings().weight.shape[0]
-        self.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-        self.config.vocab_size = len(tokenizer)
+        if len(tokenizer) > rows:
+            multiple = math.gcd(rows, 128) if rows > known else None
+            self.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=multiple, mean_resizing=False)
+        self.config.vocab_size = self.get_input_embeddings().weight.shape[0]
         token_ids = tokenizer.convert_tokens_to_ids(tokens)
         with torch.no_grad():
             embeddings = self.get_input_embeddings().weight
-            embeddings[old_size:] = embeddings[tokenizer.cls_token_id]
+            embeddings[token_ids] = embeddings[tokenizer.cls_token_id].clone()
         return token_ids
 
     def extract_expert(self, domain: str) -> BertModel:

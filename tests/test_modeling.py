@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 from conftest import DOMAINS, ROOT, TEXTS
-from transformers import AutoModel, AutoTokenizer, BertModel, RobertaConfig
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, RobertaConfig
 
 from benchmarks.naive_routing import naive_routing
 from configuration_moebert import MoEBertConfig
@@ -83,6 +83,23 @@ def test_upcycling_adds_domain_tokens_initialised_from_cls(tiny_moe):
     assert weights.shape[0] == len(tokenizer)
     for token_id in ids:
         torch.testing.assert_close(weights[token_id], weights[tokenizer.cls_token_id])
+
+
+@pytest.mark.parametrize("domains, rows", [(DOMAINS, 30528), (DOMAINS + ["ONC", "NEURO"], 30592)])
+def test_domain_tokens_fill_a_padded_vocabulary_and_never_shrink_it(tmp_path, minilm, domains, rows):
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30528, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64)  # 30522 tokens padded to 64 x 477 rows
+    base = BertModel(config, add_pooling_layer=False)
+    base.save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(minilm).save_pretrained(tmp_path)
+    model, tokenizer = MoEBertModel.from_bert(str(tmp_path), domains=domains)
+    weights = model.get_input_embeddings().weight
+    # 5 tokens fit the 6 spare rows; 7 do not, and the matrix grows to the next multiple of 64
+    assert weights.shape[0] == model.config.vocab_size == rows >= len(tokenizer)
+    torch.testing.assert_close(weights[:30522], base.get_input_embeddings().weight[:30522], atol=0, rtol=0)
+    for token_id in model.config.domain_token_ids:
+        torch.testing.assert_close(weights[token_id], weights[tokenizer.cls_token_id], atol=0, rtol=0)
 
 
 def test_experts_are_independent_tensors(tiny_moe):
