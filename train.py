@@ -617,6 +617,7 @@ class HubPusher:
                 link_or_copy(folder / name, snapshot / name)
         except OSError as error:  # e.g. a full disk: skip this push, keep training
             shutil.rmtree(snapshot, ignore_errors=True)
+            self.failed.append(message)
             print(f"warning: not pushing '{message}': cannot stage {folder} for upload ({error})", file=sys.stderr)
             return
         self.jobs.put((snapshot, path_in_repo, message, folder))
@@ -626,6 +627,16 @@ class HubPusher:
         self.jobs.put(None)
         self.worker.join()
         return self.failed
+
+    def finish(self):
+        """Wait for the queued uploads and say how it went: "pushed" only when every push arrived."""
+        print(f"waiting for the uploads to the Hub repo {self.repo_id} ...", flush=True)
+        failed = self.close()
+        if failed:
+            print(f"{len(failed)} pushes to {self.repo_id} did not arrive (warnings above): "
+                  f"{', '.join(repr(m) for m in failed)}", file=sys.stderr, flush=True)
+        else:
+            print(f"pushed to {self.api.endpoint}/{self.repo_id}")
 
     def _work(self):
         while True:
@@ -700,11 +711,19 @@ def main(argv=None):
         )
     set_seed(args.seed)
     pusher = None
-    output_dir = Path(args.output_dir)
     if args.push_to_hub and accelerator.is_main_process:
-        staging = output_dir / ".hub-uploads"
+        staging = Path(args.output_dir) / ".hub-uploads"
         shutil.rmtree(staging, ignore_errors=True)  # snapshots left by a killed run
         pusher = HubPusher(args.hub_model_id, staging, token=args.hub_token, private=args.hub_private_repo)
+    try:
+        return train(args, accelerator, pusher)
+    finally:  # also when training fails: what was queued is still sent, or reported
+        if pusher:
+            pusher.finish()
+
+
+def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
+    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 
     specs = parse_dataset_specs(args.dataset)
@@ -804,10 +823,6 @@ def main(argv=None):
             pusher.push(output_dir, files, "", "End of training")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    if pusher:  # after the last collective call: the other processes may exit meanwhile
-        print(f"waiting for the uploads to the Hub repo {args.hub_model_id} ...", flush=True)
-        if not pusher.close():
-            print(f"pushed to {pusher.api.endpoint}/{args.hub_model_id}")
     return card
 
 

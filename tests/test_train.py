@@ -463,6 +463,7 @@ def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
         result = run_train_process(tiny_bert, tiny_data, out, hub, "--checkpointing_steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "failed 3 times" in result.stderr and "The local copy in" in result.stderr
+    assert "pushed to" not in result.stdout and "pushes to lab/moebert-test did not arrive" in result.stderr
     assert hub.requests.count(("POST", "/api/repos/create")) >= 3  # retried
     assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in out.iterdir()}
     AutoModel.from_pretrained(out, trust_remote_code=True)
@@ -481,6 +482,32 @@ def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
 def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
     pusher = train.HubPusher("lab/moebert-test", tmp_path / "staging")
     pusher.push(tmp_path, ["no-such-file.safetensors"], "", "step 1")  # raises nothing
-    assert pusher.close() == []
-    assert "not pushing 'step 1': cannot stage" in capsys.readouterr().err
+    pusher.finish()
+    out, err = capsys.readouterr()
+    assert "not pushing 'step 1': cannot stage" in err and "1 pushes to lab/moebert-test did not arrive" in err
+    assert "pushed to" not in out
     assert not list((tmp_path / "staging").glob("*"))
+
+
+def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):
+    from fake_hub import FakeHub
+
+    step = train.backward_step
+
+    def crash_on_the_second_step(*args, **kwargs):
+        crash_on_the_second_step.calls += 1
+        if crash_on_the_second_step.calls == 2:
+            raise RuntimeError("out of memory, say")
+        return step(*args, **kwargs)
+
+    crash_on_the_second_step.calls = 0
+    with FakeHub() as hub:
+        hf_api = train.HfApi
+        monkeypatch.setattr(train, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
+        monkeypatch.setattr(train, "backward_step", crash_on_the_second_step)  # after step 1's checkpoint is queued
+        monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", False)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "1",
+                      "--push_to_hub", "--hub_model_id", "lab/moebert-test", "--hub_token", "hf_test")
+    assert "model.safetensors" in hub.repos["lab/moebert-test"]["files"]  # step 1's model arrived
+    assert "pushed to" in capsys.readouterr().out
