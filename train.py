@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
@@ -135,29 +136,13 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------ loss
 
 
-class GatherWithGrad(torch.autograd.Function):
-    """All processes' rows, in rank order, differentiable: every process's loss depends on every row, so the
-    backward pass sums the gradients of all processes (all_reduce) and each keeps its own rows' part. With DDP
-    averaging the parameter gradients, the update is exactly that of one process on the global batch."""
-
-    @staticmethod
-    def forward(ctx, local):
-        ctx.rows, ctx.rank = local.shape[0], torch.distributed.get_rank()
-        parts = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(parts, local.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
 def gather_with_grad(local: torch.Tensor, accelerator: Accelerator | None) -> torch.Tensor:
+    """All processes' rows, in rank order, differentiable (torch.distributed.nn): every process's loss depends on
+    every row, so the backward pass sums the gradients of all processes and each keeps its own rows' part. With DDP
+    averaging the parameter gradients, the update is exactly that of one process on the global batch."""
     if accelerator is None or accelerator.num_processes == 1:
         return local
-    return GatherWithGrad.apply(local)
+    return torch.cat(torch.distributed.nn.functional.all_gather(local))
 
 
 def multiple_negatives_ranking_loss(
