@@ -480,10 +480,16 @@ class MoEBertModel(MoEBertPreTrainedModel):
             "pooling_mode_max_tokens": False,
             "pooling_mode_mean_sqrt_len_tokens": False,
         }
+        # one prompt per domain: encode(texts, prompt_name="CVD") prepends "[CVD] ", the domain-token path
+        prompts = {domain: f"{token} " for domain, token in zip(self.config.domains, self.config.domain_tokens)}
+        max_seq_length = getattr(self.config, "max_seq_length", None) or self.config.max_position_embeddings
         files = {
             "modules.json": modules,
             "1_Pooling/config.json": pooling,
-            "sentence_bert_config.json": {"max_seq_length": self.config.max_position_embeddings, "do_lower_case": False},
+            "sentence_bert_config.json": {"max_seq_length": max_seq_length, "do_lower_case": False},
+            "config_sentence_transformers.json": {
+                "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
+            },
         }
         for name, content in files.items():
             path = os.path.join(save_directory, name)

@@ -717,6 +717,7 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
     model, tokenizer = load_model(args, list(specs))
+    model.config.max_seq_length = args.max_seq_length  # sentence-transformers encodes at the training length
     domains = model.config.domains  # ids by the model's own order, whatever the order of --dataset flags
     try:
         train_pairs, known_pairs = training_pairs(datasets, domains, args.hard_negatives, args.seed)

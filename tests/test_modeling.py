@@ -341,6 +341,22 @@ def test_sentence_transformers_gives_the_same_vectors(tiny_moe, tmp_path):
     st_model = SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu")
     vectors = st_model.encode(tagged, convert_to_tensor=True)
     torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=0)
+    # a prompt per domain: the same vectors from plain texts
+    for i, domain in enumerate(DOMAINS):
+        by_prompt = st_model.encode([TEXTS[i]], prompt_name=domain, convert_to_tensor=True)
+        torch.testing.assert_close(by_prompt[0], expected[i], atol=1e-5, rtol=0)
+    assert st_model.max_seq_length == model.config.max_position_embeddings  # no training length recorded
+
+
+def test_sentence_transformers_use_the_training_length(tiny_moe, tmp_path):
+    from sentence_transformers import SentenceTransformer
+
+    model, tokenizer = tiny_moe
+    model.config.max_seq_length = 32  # what train.py records
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert SentenceTransformer(str(tmp_path), trust_remote_code=True, device="cpu").max_seq_length == 32
+    assert AutoModel.from_pretrained(tmp_path, trust_remote_code=True).config.max_seq_length == 32
 
 
 # ------------------------------------------------------------------------------------------------ experts as units
