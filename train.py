@@ -453,13 +453,17 @@ def evaluate(model, tokenizer, datasets, args) -> dict:
 
 
 def save_model(model, tokenizer, folder: Path, card: dict):
-    """Write a folder loadable with AutoModel.from_pretrained(folder, trust_remote_code=True). Everything is
+    """Write a folder loadable with AutoModel.from_pretrained(folder, trust_remote_code=True), plus
+    `experts/<DOMAIN>.safetensors` per domain (for `model.load_expert`). Everything is
     written beside it first and then moved in file by file, so an interrupted save never leaves a half file, and
     other contents of the folder (checkpoints) stay."""
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if model.config.num_experts > 1:  # each domain's experts alone, to download only the domains one needs
+        for domain in model.config.domains:
+            model.save_expert(domain, tmp / "experts" / f"{domain}.safetensors")
     (tmp / "training_state.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
     (tmp / "README.md").write_text(model_card(card))
     return move_files_into(tmp, folder)

@@ -224,8 +224,29 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
 
     card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2")
     assert card["step"] == 2 and "f1_max" in card["metrics"]["all"]
-    loaded = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
-    assert loaded.config.domains == ["CVD", "COPD"]
+    loaded = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    assert loaded.config.domains == ["CVD", "COPD"] and loaded.config.max_seq_length == 32
+
+
+def test_every_domain_expert_is_written_as_its_own_file(tiny_bert, tiny_data, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    from modeling_moebert import MoEBertModel
+
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "2",
+              "--no-train_experts_only")
+    out = tmp_path / "out"
+    for folder in (out, out / "checkpoint-2" / "model", out / "best_model"):
+        assert sorted(p.name for p in (folder / "experts").iterdir()) == ["COPD.safetensors", "CVD.safetensors"]
+    trained = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    # the untrained base with the CVD expert file (and the trained shared weights) computes the trained model's CVD
+    fresh = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])[0].eval()
+    fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if ".experts." not in k}, strict=False)
+    fresh.load_expert(out / "experts" / "CVD.safetensors", tokenizer=tokenizer)
+    batch = tokenizer(["[CVD] " + TEXTS[0]], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**batch).pooler_output, trained(**batch).pooler_output, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("resume_from", ["latest", "last-checkpoint"])
@@ -432,8 +453,9 @@ def test_push_to_hub_sends_a_loadable_model_and_the_latest_checkpoint(tiny_bert,
     root = {name for name in files if "/" not in name}
     assert {"config.json", "model.safetensors", "modeling_moebert.py", "configuration_moebert.py", "tokenizer.json",
             "README.md", "training_state.json"} <= root
-    assert {"last-checkpoint/model.safetensors", "last-checkpoint/optimizer.bin",
-            "last-checkpoint/model/config.json"} <= set(files)
+    assert {"experts/CVD.safetensors", "experts/COPD.safetensors"} <= root | {n for n in files if n.startswith("experts/")}
+    assert {"last-checkpoint/model.safetensors", "last-checkpoint/optimizer.bin", "last-checkpoint/model/config.json",
+            "last-checkpoint/model/experts/COPD.safetensors"} <= set(files)
     assert not any(name.startswith(("checkpoint-", ".", "best_model")) for name in files)
     assert not any(b"hf_secret" in content for content in files.values())  # the token is not published
     assert hub.commits[-1]["summary"] in ("End of training", "Checkpoint at step 2")
