@@ -34,8 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, get_linear_schedule_with_warmup
 
-from data.loading import DatasetError, load_domain_datasets, parse_dataset_specs
-from defaults import default_base_model
+from data.loading import SAMPLE_DIR, DatasetError, load_domain_datasets, parse_dataset_specs
+from defaults import DEFAULT_BASE_MODEL_ID, default_base_model, local_copy
 from modeling_moebert import MoEBertModel
 
 DEFAULT_OUTPUT_DIR = "outputs/moebert"
@@ -239,16 +239,19 @@ def load_model(args, domains: list[str]):
         model = AutoModel.from_pretrained(path, trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
         for domain in domains:
-            if domain not in model.config.domains:
-                model.add_domain(domain, tokenizer)
+            if domain not in model.config.domains:  # a new expert starts from the base's feed-forward blocks
+                model.add_domain(domain, tokenizer, init_from=local_copy(model.config.base_model_name_or_path))
         return model, tokenizer
-    return MoEBertModel.from_bert(
+    model, tokenizer = MoEBertModel.from_bert(
         path,
         domains=domains,
         moe_layers=args.moe_layers,
         routing_mode=args.routing_mode,
         num_experts=1 if args.shared_expert else None,
     )
+    if args.model_name_or_path is None:  # the published config names the base by its Hub id, not a local folder
+        model.config.base_model_name_or_path = DEFAULT_BASE_MODEL_ID
+    return model, tokenizer
 
 
 def training_pairs(datasets: dict, domains: list[str], hard_negatives: int = 0, seed: int = 0):
@@ -753,7 +756,9 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
             skip_batches = (step % updates_per_epoch) * args.gradient_accumulation_steps
 
     public_args = {k: v for k, v in vars(args).items() if k != "hub_token"}  # the card is published with the model
-    card = {"domains": domains, "datasets": specs, "args": public_args, "step": step, "metrics": {}}
+    # the card is published: the embedded sample by its place in this repository, not a local folder
+    sources = specs if args.dataset else {d: f"data/{SAMPLE_DIR.name}/{d}" for d in specs}
+    card = {"domains": domains, "datasets": sources, "args": public_args, "step": step, "metrics": {}}
     best = BestModel(args.metric_for_best_model, args.early_stopping_patience)
     if step:  # the metrics and best-model record as they were at the checkpoint
         card = {**json.loads((path / "model" / "training_state.json").read_text()), "args": public_args}

@@ -533,3 +533,18 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
                       "--push_to_hub", "--hub_model_id", "lab/moebert-test", "--hub_token", "hf_test")
     assert "model.safetensors" in hub.repos["lab/moebert-test"]["files"]  # step 1's model arrived
     assert "pushed to" in capsys.readouterr().out
+
+
+def test_the_embedded_base_is_recorded_by_its_hub_id_and_still_grows_offline(tmp_path):
+    from defaults import DEFAULT_BASE_MODEL_ID
+
+    model, tokenizer = train.load_model(train.parse_args([]), ["CVD"])
+    assert model.config.base_model_name_or_path == DEFAULT_BASE_MODEL_ID  # not a site-packages folder
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert str(train.default_base_model()) not in (tmp_path / "config.json").read_text()
+    # continuing it with a new domain (HF_HUB_OFFLINE=1): the new expert starts from the embedded base's blocks
+    grown, _ = train.load_model(train.parse_args(["--model_name_or_path", str(tmp_path)]), ["CVD", "ONC"])
+    cvd, onc = (grown.expert_state(grown.config.expert_of_domain(i)) for i in (0, 1))
+    for key, tensor in cvd.items():
+        torch.testing.assert_close(onc[key.replace(".experts.0.", ".experts.1.")], tensor, atol=0, rtol=0)
