@@ -13,6 +13,7 @@ against the global batch and the update equals that of one process on the global
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -468,7 +469,7 @@ def save_model(model, tokenizer, folder: Path, card: dict):
         for domain in model.config.domains:
             model.save_expert(domain, tmp / "experts" / f"{domain}.safetensors")
     (tmp / "training_state.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
-    (tmp / "README.md").write_text(model_card(card))
+    (tmp / "README.md").write_text(model_card(card, model.config))
     return move_files_into(tmp, folder)
 
 
@@ -491,33 +492,102 @@ def move_files_into(tmp: Path, folder: Path) -> list[str]:
     return [str(name) for name in moved]
 
 
-def model_card(card: dict) -> str:
-    metrics = card.get("metrics", {})
+CARD_TEMPLATE = """
+# {model_name}
+
+A MoE-BERT sentence encoder: the feed-forward blocks of {base} copied into one
+expert per domain and trained contrastively (multiple negatives ranking loss) on co-cited abstracts with
+MoEBERT's `train.py`. Each text goes through its own domain's expert.
+
+Domains: {domains}.
+
+## Usage
+
+```python
+from sentence_transformers import SentenceTransformer
+
+model = SentenceTransformer("{repo}", trust_remote_code=True)
+embeddings = model.encode(["First abstract ...", "Second abstract ..."], prompt_name="{domain}")
+```
+
+```python
+import torch
+from transformers import AutoModel, AutoTokenizer
+
+model = AutoModel.from_pretrained("{repo}", trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained("{repo}", trust_remote_code=True)
+texts = model.prepend_domain_token(["First abstract ...", "Second abstract ..."], "{domain}")
+with torch.no_grad():
+    embeddings = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).pooler_output
+```
+
+One domain's experts alone: `experts/<DOMAIN>.safetensors`, loaded with `model.load_expert(path, tokenizer=tokenizer)`.
+
+## Training
+
+{step} steps on: {datasets}. Validation (step {metrics_step}), {validation}.
+
+<details><summary>Training arguments</summary>
+
+```json
+{args}
+```
+</details>
+
+## Citation
+
+Hallee et al., *Contrastive Learning and Mixture of Experts Enables Precise Vector Embeddings*, arXiv:2401.15713
+(2024); Scientific Reports (2025).
+"""
+
+
+def model_card(card: dict, config) -> str:
+    """The README of a saved model: Hub metadata (base model, licence, datasets, valid metrics as model-index)
+    built with huggingface_hub's ModelCardData, then usage, training and citation."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    metrics, base = card.get("metrics", {}), config.base_model_name_or_path
+    name = Path(card["args"].get("hub_model_id") or card["args"]["output_dir"]).name
+    results = [
+        EvalResult(task_type="sentence-similarity", dataset_type=f"co-citation-{domain}", dataset_name=source,
+                   dataset_config=domain, dataset_split="valid", metric_type=metric,
+                   metric_value=round(metrics[domain][metric], 4))
+        for domain, source in card["datasets"].items() if domain in metrics
+        for metric in ("roc_auc", "f1_max") if metric in metrics[domain]
+    ]
+    data = ModelCardData(
+        base_model=base, library_name="sentence-transformers", pipeline_tag="sentence-similarity",
+        license=base_licence(base), datasets=[s.split(":")[0] for s in card["datasets"].values() if is_hub_id(s)] or None,
+        tags=["moebert", "mixture-of-experts", "sentence-embeddings", "co-citation", "feature-extraction"],
+        model_name=name, eval_results=results or None,
+    )
     validation = "; ".join(
         f"{label}: " + ", ".join(f"{k} {metrics[key][k]:.4f}" for k in BASE_METRICS if k in metrics.get(key, {}))
         for key, label in (("mean", "mean over domains"), ("all", "pooled"))
     )
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: sentence-similarity",
-        "tags: [moebert, mixture-of-experts, sentence-embeddings, co-citation]",
-        "---",
-        "# MoE-BERT",
-        "",
-        f"Domains: {', '.join(card['domains'])}. Load with `AutoModel.from_pretrained(repo, trust_remote_code=True)`;",
-        "put the domain token in front of each text (`[DOMAIN] text`) and use `pooler_output`.",
-        "",
-        f"Trained {card['step']} steps with MoEBERT's train.py on: {card['datasets']}.",
-        "",
-        f"Validation at step {metrics.get('step', card['step'])}: {validation}.",
-        "",
-        "Training arguments:",
-        "```json",
-        json.dumps(card["args"], indent=2, default=str),
-        "```",
-    ]
-    return "\n".join(lines) + "\n"
+    text = CARD_TEMPLATE.format(
+        model_name=name, base=f"[{base}](https://huggingface.co/{base})" if is_hub_id(base or "") else f"`{base}`", repo=card["args"].get("hub_model_id") or name, domains=", ".join(card["domains"]),
+        domain=card["domains"][0], step=card["step"], datasets=card["datasets"], metrics_step=metrics.get("step", card["step"]),
+        validation=validation, args=json.dumps(card["args"], indent=2, default=str),
+    )
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))
+
+
+def is_hub_id(source: str) -> bool:
+    return not Path(source.split(":")[0]).exists() and source.count("/") == 1 and not source.startswith((".", "/"))
+
+
+@functools.lru_cache
+def base_licence(base: str | None) -> str | None:
+    """The licence in the base model's own card (local folder or Hub), else None."""
+    from huggingface_hub import ModelCard
+
+    try:
+        folder = Path(local_copy(base) or "")
+        card = ModelCard.load(folder / "README.md") if (folder / "README.md").is_file() else ModelCard.load(base)
+        return card.data.license
+    except Exception:  # no card, no network: the card then names no licence rather than a wrong one
+        return None
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, card: dict, args, pusher=None):

@@ -548,3 +548,27 @@ def test_the_embedded_base_is_recorded_by_its_hub_id_and_still_grows_offline(tmp
     cvd, onc = (grown.expert_state(grown.config.expert_of_domain(i)) for i in (0, 1))
     for key, tensor in cvd.items():
         torch.testing.assert_close(onc[key.replace(".experts.0.", ".experts.1.")], tensor, atol=0, rtol=0)
+
+
+def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, tiny_data, tmp_path):
+    import json
+
+    from huggingface_hub import ModelCard
+
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    state = json.loads((tmp_path / "out" / "training_state.json").read_text())
+    assert card.data.base_model == tiny_bert and card.data.library_name == "sentence-transformers"
+    assert card.data.pipeline_tag == "sentence-similarity" and "moebert" in card.data.tags
+    results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert len(results) == 4  # roc_auc and f1_max for both domains
+    for domain in ("CVD", "COPD"):
+        assert results[(domain, "roc_auc")] == round(state["metrics"][domain]["roc_auc"], 4)
+    assert 'prompt_name="CVD"' in card.text and "model.prepend_domain_token" in card.text and "Hallee" in card.text
+
+
+def test_the_card_names_the_licence_of_the_embedded_base():
+    from defaults import DEFAULT_BASE_MODEL_ID
+
+    assert train.base_licence(DEFAULT_BASE_MODEL_ID) == "apache-2.0"
+    assert train.base_licence("no/such-model-offline") is None
