@@ -67,6 +67,8 @@ class TransformerEncoder:
             batch = self.tokenizer(
                 [texts[i] for i in index], padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
             ).to(self.model.device)
+            if self.is_moebert:  # by name, in either routing mode (token routing would read the all-zero segments)
+                batch["domain_ids"] = torch.full((len(index),), self.model.config.domain_index(domain), device=self.model.device)
             with torch.inference_mode():
                 output = self.model(**batch)
             vectors[index] = self._pool(output, batch["attention_mask"]).float().cpu().numpy()

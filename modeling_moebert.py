@@ -160,10 +160,10 @@ class MoEBertModel(MoEBertPreTrainedModel):
         **kwargs,
     ):
         r"""
-        domain_ids (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
-            Sentence routing: the domain (index into `config.domains`) of each sequence. When left out, the domain
-            is read from the domain token right after `[CLS]`. Ignored in token routing mode, where
-            `token_type_ids` hold a domain per token.
+        domain_ids (`torch.LongTensor` of shape `(batch_size,)` or `(batch_size, seq_len)`, *optional*):
+            The domain (index into `config.domains`) of each sequence, or in token routing mode also of each token.
+            Sentence routing without it reads the domain token right after `[CLS]`. Token routing without it reads
+            `token_type_ids` as the domain of each token (BERT's segment embedding then sees segment 0).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -176,7 +176,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
 
         expert_ids = self.expert_ids(input_ids, token_type_ids, domain_ids, shape)
         routing = ExpertRouting.from_expert_ids(expert_ids, self.config.num_experts)
-        if self.config.routing_mode == "token":
+        if self.config.routing_mode == "token" and domain_ids is None:
             token_type_ids = None  # they carried the routing; the embeddings keep the segment-0 vectors
 
         embedding_output = self.embeddings(
@@ -208,13 +208,16 @@ class MoEBertModel(MoEBertPreTrainedModel):
     def expert_ids(self, input_ids, token_type_ids, domain_ids, shape) -> torch.Tensor:
         """The expert of every token, shape `(batch_size, seq_len)`."""
         device = input_ids.device if input_ids is not None else self.device
-        if self.config.routing_mode == "token":
-            if token_type_ids is None:
+        if self.config.routing_mode == "token" and (domain_ids is None or torch.as_tensor(domain_ids).dim() == 2):
+            if domain_ids is None and token_type_ids is None:
                 raise ValueError(
-                    "Token routing needs token_type_ids: one domain index per token, "
-                    f"in 0..{len(self.config.domains) - 1} for {self.config.domains}."
+                    "Token routing needs domain_ids or token_type_ids: one domain index per token (or domain_ids "
+                    f"one per sequence), in 0..{len(self.config.domains) - 1} for {self.config.domains}."
                 )
-            domain_of_token = self._checked_domain_ids(token_type_ids, "token_type_ids")
+            name, ids = ("token_type_ids", token_type_ids) if domain_ids is None else ("domain_ids", domain_ids)
+            domain_of_token = self._checked_domain_ids(torch.as_tensor(ids, device=device), name)
+            if domain_of_token.shape != shape:
+                raise ValueError(f"{name} has shape {tuple(domain_of_token.shape)}: expected {tuple(shape)}.")
         else:
             if domain_ids is None:
                 domain_ids = self.domain_ids_from_tokens(input_ids)

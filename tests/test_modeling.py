@@ -223,10 +223,33 @@ def test_token_routing_uses_token_type_ids(tiny_bert):
         atol=1e-5,
         rtol=0,
     )
-    with pytest.raises(ValueError, match="Token routing needs token_type_ids"):
+    with pytest.raises(ValueError, match="Token routing needs domain_ids or token_type_ids"):
         model(input_ids=batch["input_ids"])
     with pytest.raises(ValueError, match="token_type_ids holds unknown domain ids \\[7\\]"):
         model(input_ids=batch["input_ids"], token_type_ids=torch.full_like(per_token, 7))
+
+
+@torch.no_grad()
+def test_token_routing_sends_each_span_of_one_input_to_its_own_expert(tiny_bert):
+    # one layer: attention (shared) sees the same input whatever the routing, so each token's output must equal
+    # what its own domain's expert gives it when the whole input goes to that expert
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS, routing_mode="token", moe_layers=[0])
+    model.encoder.layer = model.encoder.layer[:1]
+    model.config.num_hidden_layers = 1
+    model.eval()
+    _perturb_experts(model)
+    batch = tokenizer([TEXTS[0]], [TEXTS[2]], return_tensors="pt")  # [CLS] cardiology [SEP] melanoma [SEP]
+    second = batch["token_type_ids"].bool()  # BERT's segments: the second span
+    per_token = torch.where(second, DOMAINS.index("SKIN"), DOMAINS.index("CVD"))
+    routed = model(**batch, domain_ids=per_token).last_hidden_state
+    cvd, skin = (model(**batch, domain_ids=torch.full_like(per_token, DOMAINS.index(d))).last_hidden_state
+                 for d in ("CVD", "SKIN"))
+    assert not torch.allclose(cvd[second], skin[second], atol=1e-4)  # the experts differ: the checks can fail
+    torch.testing.assert_close(routed[~second], cvd[~second], atol=1e-6, rtol=0)
+    torch.testing.assert_close(routed[second], skin[second], atol=1e-6, rtol=0)
+    # routing by domain_ids leaves token_type_ids their BERT meaning: without them the second span changes
+    no_segments = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], domain_ids=per_token)
+    assert not torch.allclose(no_segments.last_hidden_state[second], routed[second], atol=1e-6)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -403,6 +404,27 @@ def test_continuing_a_checkpoint_trains_each_domain_on_its_own_expert(tiny_bert,
     for name in (n for n in trained if ".experts." in n):
         same = torch.equal(trained[name], start[name])
         assert same == (".experts.0." in name), name
+
+
+@pytest.mark.parametrize("routing_mode", ["sentence", "token"])
+def test_train_and_eval_route_each_domain_to_its_own_expert(tiny_bert, tiny_data, tmp_path, routing_mode):
+    from eval import TransformerEncoder
+    from modeling_moebert import MoEBertModel
+
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--routing_mode", routing_mode)
+    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], routing_mode=routing_mode)[0].state_dict()
+    trained = load_file(tmp_path / "out" / "model.safetensors")
+    # domain batches: one step per domain, each on its own expert (all-zero segments would train expert 0 twice)
+    assert all(not torch.equal(trained[k], start[k]) for k in trained if ".experts." in k)
+    encoder = TransformerEncoder.from_pretrained(str(tmp_path / "out"), 32, 4)
+    assert encoder.model.config.routing_mode == routing_mode
+    with torch.no_grad():
+        for d, domain in enumerate(("CVD", "COPD")):
+            batch = encoder.tokenizer([f"[{domain}] {TEXTS[0]}"], return_tensors="pt")
+            expected = encoder.model(**batch, domain_ids=torch.tensor([d])).pooler_output[0].numpy()
+            np.testing.assert_allclose(encoder.encode([TEXTS[0]], domain)[0], expected, atol=1e-5)
+    vectors = [encoder.encode([TEXTS[0]], domain)[0] for domain in ("CVD", "COPD")]
+    assert not np.allclose(*vectors, atol=1e-4)  # two experts, two embeddings
 
 
 def test_best_model_is_kept_and_training_stops_when_valid_stops_improving(tiny_bert, tiny_data, tmp_path, monkeypatch):
