@@ -813,6 +813,8 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
     if args.with_tracking:
         accelerator.init_trackers("moebert", {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
+    best = BestModel(args.metric_for_best_model, args.early_stopping_patience)
+    accelerator.register_for_checkpointing(best)  # saved and restored with the rest of the training state
     step, start_epoch, skip_batches = 0, 0, 0
     if args.resume_from_checkpoint:
         found = checkpoints(output_dir)
@@ -829,10 +831,8 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
     # the card is published: the embedded sample by its place in this repository, not a local folder
     sources = specs if args.dataset else {d: f"data/{SAMPLE_DIR.name}/{d}" for d in specs}
     card = {"domains": domains, "datasets": sources, "args": public_args, "step": step, "metrics": {}}
-    best = BestModel(args.metric_for_best_model, args.early_stopping_patience)
-    if step:  # the metrics and best-model record as they were at the checkpoint
+    if step:  # the metrics as they were at the checkpoint
         card = {**json.loads((path / "model" / "training_state.json").read_text()), "args": public_args}
-        best.load_state_dict(card["best"])
     else:
         evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card, best)  # the untrained baseline
     last_evaluated, stop_early = step, False

@@ -1,3 +1,4 @@
+import json
 import math
 
 import numpy as np
@@ -266,6 +267,8 @@ def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path
     card = run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing,
                      "--resume_from_checkpoint", resume_from)
     assert card["step"] == 4
+    straight_card = json.loads((tmp_path / "straight" / "training_state.json").read_text())
+    assert card["best"] == straight_card["best"]  # the best-model record travelled with the checkpoint
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     for name in ("model.safetensors", "checkpoint-4/model/model.safetensors"):
         resumed = load_file(tmp_path / "resumed" / name)
