@@ -465,11 +465,16 @@ class MoEBertModel(MoEBertPreTrainedModel):
 
     # ------------------------------------------------------------------------------------------------ saving
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the files sentence-transformers reads."""
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the files sentence-transformers reads; with `push_to_hub=True`
+        (and `repo_id`, `token`, `private`, `commit_message`, `create_pr`) those files are pushed too."""
+        hub = {k: kwargs.pop(k) for k in ("repo_id", "private", "commit_message", "create_pr") if k in kwargs}
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             self._write_sentence_transformers_files(save_directory)
+            if push_to_hub:  # push_to_hub saves again through this method, into the folder it uploads
+                repo_id = hub.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+                self.push_to_hub(repo_id, token=kwargs.get("token"), **hub)
 
     def _write_sentence_transformers_files(self, save_directory):
         modules = [

@@ -371,6 +371,26 @@ def test_sentence_transformers_gives_the_same_vectors(tiny_moe, tmp_path):
     assert st_model.max_seq_length == model.config.max_position_embeddings  # no training length recorded
 
 
+def test_save_pretrained_with_push_to_hub_sends_the_sentence_transformers_files(tiny_moe, tmp_path):
+    from fake_hub import FakeHub
+
+    model, _ = tiny_moe
+    model.save_pretrained(tmp_path / "local")
+    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
+              "from transformers import AutoModel\n"
+              f"model = AutoModel.from_pretrained({str(tmp_path / 'local')!r}, trust_remote_code=True)\n"
+              f"model.save_pretrained({str(tmp_path / 'out')!r}, push_to_hub=True, repo_id='lab/moebert-st', token='hf_t')\n")
+    with FakeHub() as hub:
+        env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home")}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = hub.repos["lab/moebert-st"]["files"]
+    assert {"config_sentence_transformers.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
+            "model.safetensors", "config.json"} <= set(files)
+    prompts = json.loads(files["config_sentence_transformers.json"])["prompts"]
+    assert prompts == {d: f"[{d}] " for d in DOMAINS}
+
+
 def test_sentence_transformers_use_the_training_length(tiny_moe, tmp_path):
     from sentence_transformers import SentenceTransformer
 
