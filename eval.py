@@ -47,10 +47,10 @@ class TransformerEncoder:
         self.max_seq_length, self.batch_size = max_seq_length, batch_size
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, max_seq_length: int, batch_size: int):
+    def from_pretrained(cls, name_or_path: str, max_seq_length: int, batch_size: int, device: str = "cpu"):
         from transformers import AutoModel, AutoTokenizer
 
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True).eval()
+        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True).to(device).eval()
         return cls(model, AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True), max_seq_length, batch_size)
 
     def fit(self, train_texts):
@@ -85,10 +85,10 @@ class SentenceTransformerEncoder:
     """A sentence-transformers model (a repo with `modules.json`), encoded with its own pooling and normalisation:
     mean pooling would be wrong for models trained with CLS or last-token pooling."""
 
-    def __init__(self, name_or_path: str, max_seq_length: int, batch_size: int):
+    def __init__(self, name_or_path: str, max_seq_length: int, batch_size: int, device: str = "cpu"):
         from sentence_transformers import SentenceTransformer
 
-        self.model = SentenceTransformer(name_or_path, trust_remote_code=True)
+        self.model = SentenceTransformer(name_or_path, trust_remote_code=True, device=device)
         self.model.max_seq_length = max_seq_length
         self.batch_size = batch_size
 
@@ -125,8 +125,15 @@ def load_encoder(spec: str, args):
     if config.get("model_type") != "moebert" and cached_file(
         spec, "modules.json", _raise_exceptions_for_missing_entries=False
     ):
-        return SentenceTransformerEncoder(spec, args.max_seq_length, args.batch_size)
-    return TransformerEncoder.from_pretrained(spec, args.max_seq_length, args.batch_size)
+        return SentenceTransformerEncoder(spec, args.max_seq_length, args.batch_size, args.device)
+    return TransformerEncoder.from_pretrained(spec, args.max_seq_length, args.batch_size, args.device)
+
+
+def default_device() -> str:
+    """The accelerator when there is one: every transformer model of a comparison runs on the same device."""
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
@@ -337,6 +344,7 @@ def main(argv=None):
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the accelerator if there is one)")
     parser.add_argument("--output_dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resamples for the gains' 95%% intervals")
     parser.add_argument(
@@ -344,6 +352,7 @@ def main(argv=None):
         "(default: base and, when evaluated, shared, the one-expert baseline; else the first model)",
     )
     args = parser.parse_args(argv)
+    args.device = args.device or default_device()
     models = parse_model_specs(args.model)
     references = args.reference or [r for r in ("base", "shared") if r in models] or list(models)[:1]
     unknown = [r for r in references if r not in models]

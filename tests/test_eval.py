@@ -111,7 +111,7 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
     transformer = models.Transformer(tiny_bert, max_seq_length=32)
     cls_pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
     SentenceTransformer(modules=[transformer, cls_pooling]).save(str(tmp_path / "st"))
-    args = evaluation.argparse.Namespace(max_seq_length=32, batch_size=2)
+    args = evaluation.argparse.Namespace(max_seq_length=32, batch_size=2, device="cpu")
     encoder = evaluation.load_encoder(str(tmp_path / "st"), args)
     assert isinstance(encoder, evaluation.SentenceTransformerEncoder)
     texts = ["heart failure with preserved ejection fraction", "asthma"]
@@ -120,6 +120,16 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
         hidden = AutoModel.from_pretrained(tiny_bert)(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
     np.testing.assert_allclose(encoder.encode(texts, "CVD"), hidden[:, 0].numpy(), atol=1e-5)  # CLS, not the mean
     assert isinstance(evaluation.load_encoder(tiny_bert, args), evaluation.TransformerEncoder)  # no modules.json
+
+
+def test_models_run_on_the_accelerator_when_there_is_one(tiny_bert, monkeypatch):
+    monkeypatch.setattr(evaluation.torch.cuda, "is_available", lambda: True)
+    assert evaluation.default_device() == "cuda"
+    monkeypatch.setattr(evaluation.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(evaluation.torch.backends.mps, "is_available", lambda: False)
+    assert evaluation.default_device() == "cpu"
+    args = evaluation.argparse.Namespace(max_seq_length=32, batch_size=2, device="meta")  # any device but the CPU
+    assert evaluation.load_encoder(tiny_bert, args).model.device.type == "meta"
 
 
 def write_pair_folders(root, domains, frame):

@@ -516,6 +516,15 @@ def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
     AutoModel.from_pretrained(out, trust_remote_code=True)
 
 
+def test_the_full_recipe_is_one_flag_and_explicit_flags_override_it():
+    quick, full = train.parse_args([]), train.parse_args(["--recipe", "full"])
+    assert (quick.max_seq_length, quick.train_experts_only, quick.num_train_epochs) == (128, True, None)
+    assert {k: getattr(full, k) for k in train.FULL_RECIPE} == train.FULL_RECIPE
+    assert (full.max_seq_length, full.train_experts_only, full.mixed_precision) == (256, False, "bf16")
+    tuned = train.parse_args(["--recipe", "full", "--learning_rate", "1e-5", "--train_experts_only"])
+    assert (tuned.learning_rate, tuned.train_experts_only, tuned.max_seq_length) == (1e-5, True, 256)
+
+
 def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--push_to_hub"])
