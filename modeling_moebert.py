@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -58,27 +59,30 @@ class MoEBertExpert(nn.Module):
 
 @dataclass
 class ExpertRouting:
-    """Which expert each token goes to, worked out once per forward pass and shared by all MoE layers.
+    """Which rows each expert takes, worked out once per forward pass and shared by all MoE layers.
 
-    Tokens are sorted by expert so that every expert runs once, as one matrix product, on its own rows.
+    Per-sequence routing sorts the batch by expert once, before the embeddings: every layer then hands each expert
+    a contiguous slice of sequences (a view, no copy). Per-token routing with several experts gathers the tokens
+    of each expert (`order`) and scatters the outputs back (`inverse`) in every layer.
     """
 
-    order: torch.Tensor | None  # token positions sorted by expert; None when one expert takes every token
-    inverse: torch.Tensor | None
-    counts: list[int]  # tokens per expert, in expert order
+    counts: list[int]  # rows per expert, in expert order: sequences, or tokens when `order` is set
+    order: torch.Tensor | None = None
+    inverse: torch.Tensor | None = None
 
     @classmethod
-    def from_expert_ids(cls, expert_ids: torch.Tensor, num_experts: int) -> "ExpertRouting":
+    def by_token(cls, expert_ids: torch.Tensor, num_experts: int) -> "ExpertRouting":
         flat = expert_ids.reshape(-1)
-        counts = torch.bincount(flat, minlength=num_experts).tolist()
-        if max(counts) == flat.numel():
-            return cls(order=None, inverse=None, counts=counts)
+        counts = torch.bincount(flat, minlength=num_experts).tolist()  # the forward pass's one host sync
+        if max(counts) == flat.numel():  # one expert takes every token: the sequence path, without a sort
+            return cls(counts=[expert_ids.shape[0] if c else 0 for c in counts])
         order = torch.argsort(flat, stable=True)
-        return cls(order=order, inverse=torch.argsort(order), counts=counts)
+        return cls(counts=counts, order=order, inverse=torch.argsort(order))
 
     def dispatch(self, hidden_states: torch.Tensor, experts: nn.ModuleList) -> torch.Tensor:
         if self.order is None:
-            return experts[self.counts.index(max(self.counts))](hidden_states)
+            outputs = [experts[e](rows) for e, rows in enumerate(hidden_states.split(self.counts)) if rows.shape[0]]
+            return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         groups = flat.index_select(0, self.order).split(self.counts)
         outputs = torch.cat([experts[e](group) for e, group in enumerate(groups) if group.shape[0]])
@@ -174,10 +178,13 @@ class MoEBertModel(MoEBertPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
 
-        expert_ids = self.expert_ids(input_ids, token_type_ids, domain_ids, shape)
-        routing = ExpertRouting.from_expert_ids(expert_ids, self.config.num_experts)
+        routing, sorted_by_domain = self.route(input_ids, token_type_ids, domain_ids, shape)
         if self.config.routing_mode == "token" and domain_ids is None:
             token_type_ids = None  # they carried the routing; the embeddings keep the segment-0 vectors
+        if sorted_by_domain is not None:  # several domains: the batch is sorted by domain once, for every layer
+            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids = (
+                _rows(t, sorted_by_domain) for t in (input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+            )
 
         embedding_output = self.embeddings(
             input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
@@ -189,6 +196,10 @@ class MoEBertModel(MoEBertPreTrainedModel):
             embedding_output, extended_mask, routing, output_hidden_states=output_hidden_states, **kwargs
         )
         pooled_output = self.pool(sequence_output, attention_mask)
+        if sorted_by_domain is not None:  # back to the caller's order
+            restore = torch.argsort(sorted_by_domain)
+            sequence_output, pooled_output = sequence_output[restore], pooled_output[restore]
+            all_hidden_states = all_hidden_states and tuple(h[restore] for h in all_hidden_states)
         if not return_dict:
             return tuple(v for v in (sequence_output, pooled_output, all_hidden_states) if v is not None)
         return BaseModelOutputWithPooling(
@@ -199,71 +210,92 @@ class MoEBertModel(MoEBertPreTrainedModel):
         if self.config.pooling == "cls":
             return hidden_states[:, 0]
         if attention_mask is None:
-            return hidden_states.mean(dim=1)
-        mask = attention_mask.unsqueeze(-1).to(hidden_states.dtype)
-        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return hidden_states.float().mean(dim=1)
+        mask = attention_mask.unsqueeze(-1).float()  # sums in fp32 also under bf16/fp16: hundreds of tokens add up
+        return (hidden_states.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
 
     # ----------------------------------------------------------------------------------------------- routing
 
-    def expert_ids(self, input_ids, token_type_ids, domain_ids, shape) -> torch.Tensor:
-        """The expert of every token, shape `(batch_size, seq_len)`."""
-        device = input_ids.device if input_ids is not None else self.device
-        if self.config.routing_mode == "token" and (domain_ids is None or torch.as_tensor(domain_ids).dim() == 2):
-            if domain_ids is None and token_type_ids is None:
-                raise ValueError(
-                    "Token routing needs domain_ids or token_type_ids: one domain index per token (or domain_ids "
-                    f"one per sequence), in 0..{len(self.config.domains) - 1} for {self.config.domains}."
-                )
-            name, ids = ("token_type_ids", token_type_ids) if domain_ids is None else ("domain_ids", domain_ids)
-            domain_of_token = self._checked_domain_ids(torch.as_tensor(ids, device=device), name)
-            if domain_of_token.shape != shape:
-                raise ValueError(f"{name} has shape {tuple(domain_of_token.shape)}: expected {tuple(shape)}.")
-        else:
-            if domain_ids is None:
-                domain_ids = self.domain_ids_from_tokens(input_ids)
-            else:
-                domain_ids = self._checked_domain_ids(torch.as_tensor(domain_ids, device=device), "domain_ids")
-                if domain_ids.shape != (shape[0],):
-                    raise ValueError(
-                        f"domain_ids has shape {tuple(domain_ids.shape)}: expected one domain per sequence, "
-                        f"shape ({shape[0]},)."
-                    )
-            domain_of_token = domain_ids[:, None].expand(shape)
-        if self.config.num_experts == 1:
-            return torch.zeros(shape, dtype=torch.long, device=device)
-        return domain_of_token
+    def route(self, input_ids, token_type_ids, domain_ids, shape) -> tuple[ExpertRouting, torch.Tensor | None]:
+        """The routing of this batch, and the order that sorts its sequences by expert (None: already sorted, or
+        routed per token)."""
+        if self.routes_per_token(domain_ids):
+            expert_ids = self.token_expert_ids(token_type_ids, domain_ids, shape)
+            return ExpertRouting.by_token(expert_ids, self.config.num_experts), None
+        domains = self.sequence_domains(input_ids, domain_ids, shape[0])
+        experts = domains if self.config.num_experts > 1 else [0] * len(domains)
+        routing = ExpertRouting(counts=[experts.count(e) for e in range(self.config.num_experts)])
+        order = sorted(range(len(experts)), key=experts.__getitem__)
+        if order == list(range(len(order))):
+            return routing, None
+        return routing, torch.tensor(order, device=input_ids.device if input_ids is not None else self.device)
 
-    def _checked_domain_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:
-        ids = ids.long()
-        num_domains = len(self.config.domains)
-        if ids.numel() and (ids.min() < 0 or ids.max() >= num_domains):
-            bad = sorted(set(ids[(ids < 0) | (ids >= num_domains)].tolist()))
+    def routes_per_token(self, domain_ids) -> bool:
+        """Token routing mode, unless `domain_ids` give one domain per sequence."""
+        return self.config.routing_mode == "token" and (domain_ids is None or torch.as_tensor(domain_ids).dim() == 2)
+
+    def token_expert_ids(self, token_type_ids, domain_ids, shape) -> torch.Tensor:
+        """Token routing: the expert of every token, shape `(batch_size, seq_len)`, from `domain_ids` or else
+        `token_type_ids` (one domain index per token)."""
+        if domain_ids is None and token_type_ids is None:
             raise ValueError(
-                f"{name} holds unknown domain ids {bad}: this model has {num_domains} domains "
+                "Token routing needs domain_ids or token_type_ids: one domain index per token (or domain_ids "
+                f"one per sequence), in 0..{len(self.config.domains) - 1} for {self.config.domains}."
+            )
+        name, ids = ("token_type_ids", token_type_ids) if domain_ids is None else ("domain_ids", domain_ids)
+        ids = torch.as_tensor(ids, device=self.device).long()
+        if ids.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected {tuple(shape)}.")
+        unknown = (ids < 0) | (ids >= len(self.config.domains))
+        if unknown.any():
+            raise ValueError(
+                f"{name} holds unknown domain ids {sorted(set(ids[unknown].tolist()))}: this model has "
+                f"{len(self.config.domains)} domains {dict(enumerate(self.config.domains))}."
+            )
+        return ids if self.config.num_experts > 1 else torch.zeros_like(ids)
+
+    def sequence_domains(self, input_ids, domain_ids, batch_size: int) -> list[int]:
+        """The domain index of each sequence, checked, as a host list (the forward pass's one host sync): from
+        `domain_ids`, or else from the domain token at position 1 (right after `[CLS]`)."""
+        if domain_ids is None:
+            domains = self.domain_ids_from_tokens(input_ids).tolist()
+            missing = [i for i, d in enumerate(domains) if d < 0]
+            if missing:
+                known = dict(zip(self.config.domain_tokens, self.config.domains))
+                raise ValueError(
+                    f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after [CLS]. "
+                    f"Start each text with its domain token, e.g. '{self.config.domain_tokens[0]} ' + text, or pass "
+                    f"domain_ids; this model knows {known}."
+                )
+            return domains
+        ids = torch.as_tensor(domain_ids)
+        if ids.shape != (batch_size,):
+            raise ValueError(
+                f"domain_ids has shape {tuple(ids.shape)}: expected one domain per sequence, shape ({batch_size},)."
+            )
+        domains = ids.long().tolist()
+        bad = sorted({d for d in domains if not 0 <= d < len(self.config.domains)})
+        if bad:
+            raise ValueError(
+                f"domain_ids holds unknown domain ids {bad}: this model has {len(self.config.domains)} domains "
                 f"{dict(enumerate(self.config.domains))}."
             )
-        return ids
+        return domains
 
     def domain_ids_from_tokens(self, input_ids: torch.Tensor | None) -> torch.Tensor:
-        """The domain of each sequence, read from the domain token at position 1 (right after `[CLS]`)."""
+        """The domain of each sequence, read from the domain token at position 1 (right after `[CLS]`); -1 where
+        there is none."""
         known = dict(zip(self.config.domain_tokens, self.config.domains))
         if input_ids is None or self.config.domain_token_ids is None:
             raise ValueError(
                 "No domain given: pass domain_ids (one per sequence) or input_ids that start with a domain token "
                 f"after [CLS]; this model knows {known}."
             )
-        token_ids = torch.tensor(self.config.domain_token_ids, device=input_ids.device)
         if input_ids.shape[1] < 2:
             raise ValueError("input_ids are too short to hold [CLS] followed by a domain token.")
+        token_ids = torch.tensor(self.config.domain_token_ids, device=input_ids.device)
         matches = input_ids[:, 1, None] == token_ids[None, :]
-        missing = (~matches.any(dim=1)).nonzero().flatten().tolist()
-        if missing:
-            raise ValueError(
-                f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after [CLS]. "
-                f"Start each text with its domain token, e.g. '{self.config.domain_tokens[0]} ' + text, or pass "
-                f"domain_ids; this model knows {known}."
-            )
-        return matches.int().argmax(dim=1)
+        return torch.where(matches.any(dim=1), matches.int().argmax(dim=1), -1)
 
     def domain_token(self, domain: str) -> str:
         return self.config.domain_tokens[self.config.domain_index(domain)]
@@ -340,7 +372,8 @@ class MoEBertModel(MoEBertPreTrainedModel):
             pooling=pooling,
             base_model_name_or_path=str(model_name_or_path),
         )
-        model = cls(config)
+        with no_init_weights():  # every weight is copied from the base below: no random draws to throw away
+            model = cls(config)
         dense_state = base.state_dict()
         model.load_state_dict(
             {model.moe_key(k, e): v.clone() for k, v in dense_state.items() for e in range(config.num_experts)}
@@ -504,6 +537,13 @@ class MoEBertModel(MoEBertPreTrainedModel):
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w") as f:
                 json.dump(content, f, indent=2)
+
+
+def _rows(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | None:
+    """The batch rows `index` of a per-sequence input; None, and inputs broadcast over the batch, as they are."""
+    if tensor is None or tensor.dim() == 0 or tensor.shape[0] != index.numel():
+        return tensor
+    return tensor.index_select(0, index)
 
 
 def _load_dense_bert(model_name_or_path, **from_pretrained_kwargs) -> BertModel:

@@ -18,11 +18,10 @@ import functools
 import json
 import math
 import os
-import queue
 import shutil
 import sys
-import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ import torch
 import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 from huggingface_hub import HfApi, constants
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -111,6 +110,14 @@ def parse_args(argv=None):
         "co-cited partner",
     )
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less "
+        "memory for large bases or long inputs, about a third more compute",
+    )
+    parser.add_argument(
+        "--ddp_timeout", type=int, default=1800, help="seconds a collective may wait (several processes): the others "
+        "wait while the main process scores valid, which takes longer on large valid sets and bases",
+    )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
         "--eval_steps", type=int, default=None, help="evaluate on valid every N steps (always before training and at the end)"
@@ -444,6 +451,12 @@ def set_rng_state(state: tuple):
         torch.cuda.set_rng_state_all(state[1])
 
 
+def experts_can_miss_a_step(model) -> bool:
+    """Whether a trained parameter can get no gradient in a step (an expert no token of the batch was routed to):
+    only then must DDP search the graph for unused parameters, which costs every step."""
+    return model.config.num_experts > 1 and any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)
+
+
 def make_optimizer(model, args) -> torch.optim.AdamW:
     if args.train_experts_only:
         for name, parameter in model.named_parameters():
@@ -663,13 +676,13 @@ def replace_folder(new: Path, final: Path):
 
 
 class HubPusher:
-    """Uploads to one Hub model repo from a background thread of the main process, so training never waits on
-    the network (and the other processes never wait on the main one).
+    """Uploads to one Hub model repo in the background (huggingface_hub's `run_as_future`: one upload at a time,
+    in order), so training never waits on the network (and the other processes never wait on the main one).
 
     Each push uploads a snapshot: hard links to the files as they are when `push` is called, so the loop may go
-    on rewriting and rotating checkpoints during the upload. Uploads that queue up while the network is slow are
-    coalesced: only the newest one per repo folder is sent. A push that still fails after `attempts` tries is
-    reported as a warning and dropped; the local files are never touched.
+    on rewriting and rotating checkpoints during the upload. A push to a repo folder whose previous push has not
+    started yet replaces it: only the newest is sent. A push that still fails after `attempts` tries is reported
+    as a warning; the local files are never touched.
     """
 
     def __init__(
@@ -679,12 +692,10 @@ class HubPusher:
         self.staging_dir = staging_dir
         self.repo_id, self.private, self.attempts, self.backoff_s = repo_id, private, attempts, backoff_s
         self.repo_ready, self.failed, self.snapshots = False, [], 0
-        self.jobs = queue.Queue()
-        self.worker = threading.Thread(target=self._work, name="hub-push", daemon=True)
-        self.worker.start()
+        self.uploads = {}  # repo folder -> (future, snapshot) of its newest push
 
     def push(self, folder: Path, files: list[str], path_in_repo: str, message: str):
-        """Queue `files` (paths relative to `folder`) for upload into `path_in_repo` of the repo."""
+        """Upload `files` (paths relative to `folder`) into `path_in_repo` of the repo, in the background."""
         self.snapshots += 1
         snapshot = self.staging_dir / str(self.snapshots)
         try:
@@ -696,12 +707,15 @@ class HubPusher:
             self.failed.append(message)
             print(f"warning: not pushing '{message}': cannot stage {folder} for upload ({error})", file=sys.stderr)
             return
-        self.jobs.put((snapshot, path_in_repo, message, folder))
+        previous = self.uploads.get(path_in_repo)
+        if previous and previous[0].cancel():  # still waiting: this newer snapshot supersedes it
+            shutil.rmtree(previous[1], ignore_errors=True)
+        self.uploads[path_in_repo] = (self.api.run_as_future(self._upload, snapshot, path_in_repo, message, folder), snapshot)
 
     def close(self) -> list[str]:
-        """Wait for the queued uploads; returns the failures (already reported)."""
-        self.jobs.put(None)
-        self.worker.join()
+        """Wait for the uploads; returns the failures (already reported)."""
+        for future, _ in self.uploads.values():
+            future.result()  # the newest per folder; those before it ran first (one worker, in order)
         return self.failed
 
     def finish(self):
@@ -714,26 +728,13 @@ class HubPusher:
         else:
             print(f"pushed to {self.api.endpoint}/{self.repo_id}")
 
-    def _work(self):
-        while True:
-            jobs = [self.jobs.get()]
-            while not self.jobs.empty():
-                jobs.append(self.jobs.get())
-            newest = {}  # repo folder -> its newest job
-            for job in jobs:
-                if job is not None:
-                    if job[1] in newest:
-                        shutil.rmtree(newest[job[1]][0])
-                    newest[job[1]] = job
-            for snapshot, path_in_repo, message, local in newest.values():
-                try:
-                    self._upload(snapshot, path_in_repo, message, local)
-                finally:
-                    shutil.rmtree(snapshot, ignore_errors=True)
-            if None in jobs:
-                return
-
     def _upload(self, snapshot: Path, path_in_repo: str, message: str, local: Path):
+        try:
+            self._upload_with_retries(snapshot, path_in_repo, message, local)
+        finally:
+            shutil.rmtree(snapshot, ignore_errors=True)
+
+    def _upload_with_retries(self, snapshot: Path, path_in_repo: str, message: str, local: Path):
         for attempt in range(1, self.attempts + 1):
             try:
                 if not self.repo_ready:
@@ -776,7 +777,11 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         # an expert that no token of this process's batch was routed to gets no gradient in that step
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        kwargs_handlers=[
+            DistributedDataParallelKwargs(),  # find_unused_parameters is set in train(), once the model is known
+            # the other processes wait in a barrier while the main process scores valid
+            InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
+        ],
         **tracking,
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -816,7 +821,11 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
     batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
+    if args.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
+        model.activation_checkpointing_enable({"use_reentrant": False})
     optimizer = make_optimizer(model, args)
+    if accelerator.ddp_handler is not None:
+        accelerator.ddp_handler.find_unused_parameters = experts_can_miss_a_step(model)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or (args.num_train_epochs * updates_per_epoch if args.num_train_epochs else QUICK_STEPS)
     epochs = math.ceil(max_steps / max(updates_per_epoch, 1))

@@ -178,17 +178,22 @@ def test_mixed_domain_batch_equals_each_example_alone(tiny_moe):
 def test_grouped_dispatch_runs_each_expert_once_on_its_own_tokens(tiny_moe):
     model, tokenizer = tiny_moe
     batch = _encode(tokenizer, TEXTS[:4], ["CVD", "SKIN", "CVD", "CVD"], model)
-    rows_seen = {}
+    tokens_seen, storages = {}, {}
     layer = model.encoder.layer[1]
-    hooks = [
-        expert.register_forward_hook(lambda m, args, out, i=i: rows_seen.setdefault(i, []).append(args[0].shape[0]))
-        for i, expert in enumerate(layer.experts)
-    ]
+
+    def record(i, inputs):
+        tokens_seen.setdefault(i, []).append(inputs[0].shape[:-1].numel())
+        storages[i] = inputs[0].untyped_storage().data_ptr()
+
+    hooks = [expert.register_forward_hook(lambda m, args, out, i=i: record(i, args)) for i, expert in enumerate(layer.experts)]
+    hooks.append(layer.attention.register_forward_hook(lambda m, args, out: storages.update(attention=out[0].untyped_storage().data_ptr())))
     model(**batch)
     for hook in hooks:
         hook.remove()
     seq_len = batch["input_ids"].shape[1]
-    assert rows_seen == {0: [3 * seq_len], 2: [seq_len]}  # unused experts never run
+    assert tokens_seen == {0: [3 * seq_len], 2: [seq_len]}  # unused experts never run
+    # the batch was sorted by domain once: each expert reads a slice of the attention output, no copy per layer
+    assert storages[0] == storages[2] == storages["attention"]
 
 
 @torch.no_grad()
@@ -503,3 +508,23 @@ def test_from_bert_refuses_a_checkpoint_with_missing_encoder_weights(tiny_bert, 
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="not a complete BERT encoder checkpoint.*encoder.layer.1.output.dense.weight"):
         MoEBertModel.from_bert(str(tmp_path), domains=DOMAINS)
+
+
+@torch.no_grad()
+def test_pooling_sums_in_fp32_under_bf16(tiny_moe):
+    model, tokenizer = tiny_moe
+    batch = _encode(tokenizer, TEXTS[:3], "CVD", model)
+    output = model.to(torch.bfloat16)(**batch)
+    assert output.last_hidden_state.dtype == torch.bfloat16 and output.pooler_output.dtype == torch.float32
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    expected = (output.last_hidden_state.float() * mask).sum(1) / mask.sum(1)
+    torch.testing.assert_close(output.pooler_output, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_upcycling_draws_no_random_weights_it_would_overwrite(tiny_bert, monkeypatch):
+    initialised = []
+    original = MoEBertModel._init_weights
+    monkeypatch.setattr(MoEBertModel, "_init_weights", lambda self, module: (initialised.append(module), original(self, module))[1])
+    model, _ = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+    assert not [m for m in initialised if isinstance(m, (torch.nn.Linear, torch.nn.LayerNorm))]
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # copied, not left as uninitialised memory

@@ -36,7 +36,8 @@ def test_false_negatives_are_masked_out_of_the_loss():
     # b0=q: a1=r? no pair q-r; a2=s no. b1=p: a0=p own text; b2=r: a1=r own text, a0=p co-cited with r
     assert b_to_a.tolist() == [[False, False, False], [True, False, False], [True, True, False]]
 
-    emb_a, emb_b = torch.randn(3, 4), torch.randn(3, 4)
+    generator = torch.Generator().manual_seed(0)
+    emb_a, emb_b = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
     masked = train.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a))
     cos_ab = torch.nn.functional.normalize(emb_a, dim=-1) @ torch.nn.functional.normalize(emb_b, dim=-1).T
     by_hand = 0.0
@@ -44,7 +45,7 @@ def test_false_negatives_are_masked_out_of_the_loss():
         for i in range(3):
             kept = [j for j in range(3) if not mask[i, j]]
             by_hand += -(20 * sim[i, i] - torch.logsumexp(20 * sim[i, kept], 0)) / 6
-    assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5)
+    assert masked.item() == pytest.approx(by_hand.item(), rel=1e-5, abs=1e-6)  # float32 sums near 0
 
 
 def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
@@ -545,6 +546,30 @@ def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
     assert not list((tmp_path / "staging").glob("*"))
 
 
+def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_path):
+    import threading
+
+    pusher = train.HubPusher("lab/moebert-test", tmp_path / "staging")
+    started, release, sent = threading.Event(), threading.Event(), []
+
+    def upload_folder(folder_path, commit_message, **kwargs):
+        sent.append((commit_message, sorted(p.name for p in train.Path(folder_path).iterdir())))
+        started.set()
+        release.wait(10)
+
+    pusher.api.create_repo = lambda *args, **kwargs: None
+    pusher.api.upload_folder = upload_folder
+    for step in (1, 2, 3):
+        (tmp_path / "model.safetensors").write_text(f"step {step}")
+        pusher.push(tmp_path, ["model.safetensors"], "last-checkpoint", f"step {step}")
+        started.wait(10)  # step 1 is uploading; step 2 then waits behind it, and step 3 replaces it
+    release.set()
+    pusher.finish()
+    assert [message for message, _ in sent] == ["step 1", "step 3"]
+    assert not list((tmp_path / "staging").iterdir())
+    assert (tmp_path / "model.safetensors").read_text() == "step 3"  # local files untouched
+
+
 def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):
     from fake_hub import FakeHub
 
@@ -606,3 +631,62 @@ def test_the_card_names_the_licence_of_the_embedded_base():
 
     assert train.base_licence(DEFAULT_BASE_MODEL_ID) == "apache-2.0"
     assert train.base_licence("no/such-model-offline") is None
+
+
+def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_bert, tiny_data, tmp_path, monkeypatch):
+    from modeling_moebert import MoEBertModel
+
+    class SetUp(Exception):
+        pass
+
+    def stop(model, args):
+        raise SetUp
+
+    grads, expert_calls = [], []
+    for flags in ([], ["--gradient_checkpointing"]):
+        model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        monkeypatch.setattr(train, "load_model", lambda args, domains: (model, tokenizer))
+        monkeypatch.setattr(train, "make_optimizer", stop)
+        with pytest.raises(SetUp):  # stop train() right after it has set the model up
+            run_train(tiny_bert, tiny_data, tmp_path / "out", *flags)
+        calls = [0]
+        model.encoder.layer[0].experts[0].register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        batch = tokenizer([f"[CVD] {t}" for t in TEXTS[:2]], padding=True, return_tensors="pt")
+        model.train()(**batch).pooler_output.pow(2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        expert_calls.append(calls[0])
+    assert expert_calls == [1, 2]  # recomputed in the backward pass
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5)
+
+
+def test_ddp_looks_for_unused_parameters_only_when_an_expert_can_miss_a_step(tiny_bert):
+    from modeling_moebert import MoEBertModel
+
+    moe, _ = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+    shared, _ = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], num_experts=1)
+    assert train.experts_can_miss_a_step(moe) and not train.experts_can_miss_a_step(shared)
+    for parameter in moe.parameters():  # nothing of the experts trained: none can miss a step
+        parameter.requires_grad = False
+    assert not train.experts_can_miss_a_step(moe)
+
+
+def test_the_process_group_waits_as_long_as_ddp_timeout(monkeypatch):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_accelerator(**kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(train, "Accelerator", fake_accelerator)
+    with pytest.raises(Stop):
+        train.main(["--ddp_timeout", "5400"])
+    timeouts = [h.timeout for h in seen["kwargs_handlers"] if hasattr(h, "timeout")]
+    assert [t.total_seconds() for t in timeouts] == [5400]
