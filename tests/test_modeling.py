@@ -136,6 +136,18 @@ def test_from_bert_refuses_non_bert_and_moebert(tiny_moe, tmp_path):
         MoEBertModel.from_bert(str(tmp_path / "roberta"), domains=["X"])
 
 
+def test_a_saved_tokenizer_is_a_stock_bert_tokenizer(tiny_moe, tmp_path):
+    from transformers import BertTokenizer
+
+    model, tokenizer = tiny_moe
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text())["tokenizer_class"] == "BertTokenizer"
+    stock = BertTokenizer.from_pretrained(tmp_path)  # no custom code, no question asked
+    assert stock("[CVD] heart failure")["input_ids"] == tokenizer("[CVD] heart failure")["input_ids"]
+    assert stock.convert_tokens_to_ids("[CVD]") == model.config.domain_token_ids[0]
+
+
 # ------------------------------------------------------------------------------------------------ routing
 
 
