@@ -1,0 +1,145 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import search
+from modeling_moebert import MoEBertModel
+
+HEART = ["heart", "cardiac", "ventricular", "infarction", "coronary", "arrhythmia", "myocardial", "atrial"]
+LUNG = ["lung", "airway", "pulmonary", "bronchial", "asthma", "inhaler", "spirometry", "emphysema"]
+
+
+def collection(n_per_domain: int, start: int = 0) -> pd.DataFrame:
+    """Papers whose words say their domain, each text different."""
+    rng = np.random.default_rng(start)
+    rows = []
+    for domain, words in (("CVD", HEART), ("COPD", LUNG)):
+        for i in range(start, start + n_per_domain):
+            text = " ".join(rng.choice(words, 6)) + f" study number {i} of {domain.lower()} patients"
+            rows.append({"id": f"{domain}-{i}", "text": text, "domain": domain})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def moe_folder(tiny_bert, tmp_path):
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+    with torch.no_grad():  # two experts that really differ
+        for parameter in model.encoder.layer[1].experts[1].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    return str(tmp_path / "moe")
+
+
+def run_index(papers_file, model, out, *extra):
+    return search.main(["index", "--papers", str(papers_file), "--model", model, "--output_dir", str(out),
+                        "--max_seq_length", "32", "--device", "cpu", *extra])
+
+
+def run_query(out, *extra):
+    return search.main(["query", "--index", str(out), "--max_seq_length", "32", "--device", "cpu", *extra])
+
+
+def test_index_then_query_finds_each_paper_itself_with_and_without_a_domain(moe_folder, tmp_path, capsys):
+    papers = collection(12)
+    papers.to_csv(tmp_path / "papers.csv.gz", index=False)  # compressed, as shipped
+    manifest = run_index(tmp_path / "papers.csv.gz", moe_folder, tmp_path / "index", "--chunk_size", "5")
+    assert manifest["papers"] == 24 and manifest["domains"] == ["CVD", "COPD"] and manifest["normalized"]
+    assert len(list((tmp_path / "index" / "chunks").glob("*.npy"))) == 5
+    for _, paper in papers.iloc[[0, 5, 13, 20]].iterrows():
+        for domain in (["--domain", paper["domain"]], []):
+            [result] = run_query(tmp_path / "index", "--text", paper["text"], "--top_k", "3", *domain)
+            assert result["hits"][0]["id"] == paper["id"] and result["hits"][0]["score"] == pytest.approx(1, abs=1e-5)
+            assert result["domain"] == paper["domain"]
+    capsys.readouterr()
+    run_query(tmp_path / "index", "--text", papers["text"][0], "--json", "--top_k", "2")
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["hits"][0]["id"] == "CVD-0" and len(printed["hits"]) == 2 and printed["domain_probability"] > 0.5
+
+
+def test_the_same_text_in_another_domain_is_embedded_by_that_domains_expert(moe_folder, tmp_path):
+    papers = collection(3)
+    papers.loc[len(papers)] = {"id": "twin", "text": papers["text"][0], "domain": "COPD"}
+    papers.to_json(tmp_path / "papers.jsonl", orient="records", lines=True)
+    run_index(tmp_path / "papers.jsonl", moe_folder, tmp_path / "index")
+    [result] = run_query(tmp_path / "index", "--text", papers["text"][0], "--domain", "COPD", "--top_k", "1")
+    assert result["hits"][0]["id"] == "twin"
+
+
+def test_an_interrupted_index_resumes_from_its_chunks(moe_folder, tmp_path, monkeypatch):
+    collection(10).to_csv(tmp_path / "papers.csv", index=False)
+    embed, calls = search.embed, []
+
+    def embed_then_fail(encoder, texts, domains):
+        calls.append(len(texts))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return embed(encoder, texts, domains)
+
+    monkeypatch.setattr(search, "embed", embed_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--chunk_size", "4")
+    assert len(list((tmp_path / "index" / "chunks").glob("*.json"))) == 2
+    monkeypatch.setattr(search, "embed", lambda *a: (calls.append(len(a[1])), embed(*a))[1])
+    manifest = run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--chunk_size", "4")
+    assert calls[3:] == [4, 4, 4] and manifest["papers"] == 20  # 12 papers left, not 20
+    ids = [json.loads(line)["id"] for line in open(tmp_path / "index" / "papers.jsonl")]
+    assert sorted(ids) == sorted(collection(10)["id"])
+
+
+def test_add_appends_papers_and_a_rerun_without_add_refuses_another_collection(moe_folder, tmp_path):
+    collection(6).to_csv(tmp_path / "first.csv", index=False)
+    more = collection(3, start=100)
+    more.to_csv(tmp_path / "more.csv", index=False)
+    run_index(tmp_path / "first.csv", moe_folder, tmp_path / "index")
+    with pytest.raises(SystemExit, match="pass --add"):
+        run_index(tmp_path / "more.csv", moe_folder, tmp_path / "index")
+    manifest = run_index(tmp_path / "more.csv", moe_folder, tmp_path / "index", "--add")
+    assert manifest["papers"] == 18
+    [result] = run_query(tmp_path / "index", "--text", more["text"][4], "--top_k", "1")
+    assert result["hits"][0]["id"] == more["id"][4]
+    again = run_index(tmp_path / "more.csv", moe_folder, tmp_path / "index", "--add")  # nothing new: no duplicates
+    assert again["papers"] == 18
+
+
+def test_a_wrong_model_or_an_unknown_domain_is_refused_in_one_line(moe_folder, tiny_bert, tmp_path):
+    collection(4).to_csv(tmp_path / "papers.csv", index=False)
+    run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index")
+    other, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])  # same shape, other weights
+    other.save_pretrained(tmp_path / "other")
+    tokenizer.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit, match="was built with the model .*moe, not .*other"):
+        run_query(tmp_path / "index", "--text", "heart", "--model", str(tmp_path / "other"))
+    with pytest.raises(SystemExit, match="was built with the model"):
+        run_index(tmp_path / "papers.csv", str(tmp_path / "other"), tmp_path / "index", "--add")
+    with pytest.raises(SystemExit, match=r"unknown domain 'SKIN': this index's model knows \['CVD', 'COPD'\]"):
+        run_query(tmp_path / "index", "--text", "heart", "--domain", "SKIN")
+    pd.DataFrame({"id": ["x"], "text": ["melanoma"], "domain": ["SKIN"]}).to_csv(tmp_path / "skin.csv", index=False)
+    with pytest.raises(SystemExit, match="domain 'SKIN' is not one of the model's domains"):
+        run_index(tmp_path / "skin.csv", moe_folder, tmp_path / "index", "--add")
+    with pytest.raises(SystemExit, match="lacks columns \\['domain'\\]"):
+        pd.DataFrame({"id": ["x"], "text": ["t"]}).to_csv(tmp_path / "bad.csv", index=False)
+        run_index(tmp_path / "bad.csv", moe_folder, tmp_path / "fresh")
+    with pytest.raises(SystemExit, match="holds no search index"):
+        run_query(tmp_path / "nowhere", "--text", "heart")
+
+
+def test_the_domain_classifier_is_stored_without_pickle_and_predicts_held_out_papers(tmp_path):
+    papers = collection(40)
+    held_out = papers.index % 5 == 0
+    classifier = search.DomainClassifier.fit(papers["text"][~held_out].tolist(), papers["domain"][~held_out].tolist())
+    classifier.save(tmp_path)
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.joblib"))
+    loaded = search.DomainClassifier.load(tmp_path)
+    predicted, probability = loaded.predict(papers["text"][held_out].tolist())
+    assert predicted == papers["domain"][held_out].tolist() and (probability > 0.5).all()
+    assert search.held_out_accuracy(papers["text"].tolist(), papers["domain"].tolist()) == 1.0
+
+
+def test_the_shipped_collection_is_every_synergy_paper_once():
+    papers = search.shipped_papers()
+    assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in search.SAMPLE_DIR.iterdir() if p.is_dir()}
+    assert len(papers) > 1000 and (papers["text"].str.len() > 0).all()
