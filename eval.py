@@ -136,6 +136,23 @@ def default_device() -> str:
     return "mps" if torch.backends.mps.is_available() else "cpu"
 
 
+def bf16_is_native(device: str) -> bool:
+    """Whether this device computes bf16 matrix products natively (CUDA Ampere+, x86 CPUs with AVX512-BF16 or
+    AMX): elsewhere bf16 is emulated and slower than fp32."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    return device == "cpu" and cpuinfo.exists() and bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.read_text().split()))
+
+
+def autocast(device: str, precision: str):
+    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (else fp32, said once); fp32 for `fp32`."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
+    if precision == "auto" and not use_bf16:
+        print(f"encoding in fp32: bf16 is not native on {device}", file=sys.stderr)
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
+
+
 def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
     """`NAME=PATH`, `PATH` or `tfidf` -> {label: path}; none -> base model, TF-IDF, and the trained default."""
     if not specs:
@@ -345,6 +362,8 @@ def main(argv=None):
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the accelerator if there is one)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="encode under bf16 "
+                        "autocast (auto: where bf16 is native); the reported figures are fp32")
     parser.add_argument("--output_dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resamples for the gains' 95%% intervals")
     parser.add_argument(
@@ -375,7 +394,8 @@ def main(argv=None):
             print(f"  skipped: cannot load {path}: {error}", file=sys.stderr)
             results[label] = {"all": {"error": f"cannot load {path}: {error}"}}
             continue
-        results[label], scored = evaluate_model(encoder, datasets, args.split)
+        with autocast(args.device, args.precision):
+            results[label], scored = evaluate_model(encoder, datasets, args.split)
         predictions |= {(label, domain): arrays for domain, arrays in scored.items()}
 
     tables = "\n\n".join(markdown_table(results, m) for m in TABLE_METRICS if args.split == "test" or m != TABLE_METRICS[2])

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from data.cocitation import read_table
 from data.loading import SAMPLE_DIR
 from defaults import default_base_model
-from eval import TransformerEncoder, default_device
+from eval import TransformerEncoder, autocast, default_device
 
 DEFAULT_INDEX_DIR = Path("search_index")
 DEFAULT_TRAINED = Path("outputs/moebert")  # what `python train.py` writes
@@ -236,7 +236,8 @@ def build_index(args) -> dict:
     next_chunk = len(list((out / CHUNKS).glob("*.npy")))
     for start in tqdm(range(0, len(todo), args.chunk_size), desc="chunks", unit="chunk"):
         chunk = todo.iloc[start : start + args.chunk_size]
-        vectors = embed(encoder, chunk["text"].tolist(), chunk["domain"].tolist())
+        with autocast(args.device, args.precision):
+            vectors = embed(encoder, chunk["text"].tolist(), chunk["domain"].tolist())
         _write_chunk(out / CHUNKS, next_chunk, vectors, chunk)
         next_chunk += 1
     manifest |= _write_faiss(out, manifest, args)
@@ -256,6 +257,7 @@ def _manifest_for(out: Path, args, model_name: str, fingerprint: str, encoder) -
         "model": model_name, "fingerprint": fingerprint, "dimension": encoder.model.config.hidden_size,
         "normalized": True, "metric": "inner_product", "index_type": args.index_type,
         "max_seq_length": args.max_seq_length, "domains": list(encoder.model.config.domains),
+        "precision": args.precision,
     }
     existing = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
     if existing is None and args.add:
@@ -366,7 +368,9 @@ class PaperIndex:
             domains, probabilities = self.classifier.predict(texts)
         else:
             domains, probabilities = [domain] * len(texts), [None] * len(texts)
-        scores, rows = self.faiss_index.search(embed(self.encoder, texts, domains), top_k)
+        with autocast(str(self.encoder.model.device), self.manifest.get("precision", "fp32")):
+            vectors = embed(self.encoder, texts, domains)
+        scores, rows = self.faiss_index.search(vectors, top_k)
         results = []
         for query_domain, probability, row_scores, row_ids in zip(domains, probabilities, scores, rows):
             hits = [
@@ -425,6 +429,8 @@ def main(argv=None):
         sub.add_argument("--max_seq_length", type=int, default=256)
         sub.add_argument("--batch_size", type=int, default=32)
         sub.add_argument("--device", default=None, help="default: the accelerator if there is one")
+    index.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="auto: bf16 autocast where bf16 is native (queries then use the same)")
     args = parser.parse_args(argv)
     args.device = args.device or default_device()
     try:

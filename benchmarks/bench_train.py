@@ -21,6 +21,7 @@ from accelerate import Accelerator
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import train  # noqa: E402
+import training  # noqa: E402
 from data.loading import load_domain_datasets, parse_dataset_specs  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main():
 
     accelerator = Accelerator(mixed_precision=options.mixed_precision)
     specs = parse_dataset_specs(None)
-    pairs, known = train.training_pairs(load_domain_datasets(specs), list(specs))
+    pairs, known = training.training_pairs(load_domain_datasets(specs), list(specs))
     runs = {}
     for name, flags in (("dense", ["--shared_expert"]), ("moe", [])):
         args = train.parse_args(
@@ -44,7 +45,7 @@ def main():
             + (["--model_name_or_path", options.model_name_or_path] if options.model_name_or_path else [])
         )
         model, tokenizer = train.load_model(args, list(specs))
-        batches = list(zip(range(options.steps + 1), train.train_dataloader(pairs, model, tokenizer, args, 1)))
+        batches = list(zip(range(options.steps + 1), training.train_dataloader(pairs, model, tokenizer, args, 1)))
         optimizer = train.make_optimizer(model, args)
         model, optimizer = accelerator.prepare(model, optimizer)
         runs[name] = (model, optimizer, args, [move(batch, accelerator.device) for _, batch in batches])

@@ -154,3 +154,20 @@ def test_bootstrap_gains_are_written_and_printed(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluation.main([*args, "--reference", "nosuchmodel"])
     assert "--reference 'nosuchmodel' is not one of the models" in capsys.readouterr().err
+
+
+def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, capsys):
+    cpuinfo = tmp_path / "cpuinfo"
+    real_path = evaluation.Path
+    monkeypatch.setattr(evaluation, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
+    assert not evaluation.bf16_is_native("cpu")
+    with evaluation.autocast("cpu", "auto"):
+        assert not evaluation.torch.is_autocast_enabled("cpu")
+    assert "encoding in fp32: bf16 is not native on cpu" in capsys.readouterr().err
+    cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert evaluation.bf16_is_native("cpu")
+    with evaluation.autocast("cpu", "auto"):
+        assert evaluation.torch.is_autocast_enabled("cpu") and evaluation.torch.get_autocast_dtype("cpu") == evaluation.torch.bfloat16
+    with evaluation.autocast("cpu", "fp32"):
+        assert not evaluation.torch.is_autocast_enabled("cpu")

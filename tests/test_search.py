@@ -36,7 +36,7 @@ def moe_folder(tiny_bert, tmp_path):
 
 def run_index(papers_file, model, out, *extra):
     return search.main(["index", "--papers", str(papers_file), "--model", model, "--output_dir", str(out),
-                        "--max_seq_length", "32", "--device", "cpu", *extra])
+                        "--max_seq_length", "32", "--device", "cpu", "--precision", "fp32", *extra])
 
 
 def run_query(out, *extra):

@@ -9,6 +9,7 @@ from conftest import TEXTS
 from safetensors.torch import load_file
 
 import train
+import training
 
 
 def test_mnr_loss_against_a_hand_computation():
@@ -21,13 +22,13 @@ def test_mnr_loss_against_a_hand_computation():
               - math.log(math.exp(scale) / (math.exp(scale * c) + math.exp(scale)))) / 2
     b_to_a = (-math.log(math.exp(scale * c) / (math.exp(scale * c) + math.exp(scale * c)))
               - math.log(math.exp(scale) / (1 + math.exp(scale)))) / 2
-    loss = train.multiple_negatives_ranking_loss(a, b, scale)
+    loss = training.multiple_negatives_ranking_loss(a, b, scale)
     assert loss.item() == pytest.approx((a_to_b + b_to_a) / 2, rel=1e-5)
 
 
 def test_false_negatives_are_masked_out_of_the_loss():
     # texts: p, q, r, s; pairs (p,q) (r,p) (s,r): p sits in two pairs
-    known = train.KnownPairs(["p", "r", "s"], ["q", "p", "r"])
+    known = training.KnownPairs(["p", "r", "s"], ["q", "p", "r"])
     ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
     a_to_b, b_to_a = known.masks(ids_a, ids_b)
     # a_to_b[i, j]: b_j is a's own text, b_i's text, or a known partner of a_i (j != i)
@@ -38,7 +39,7 @@ def test_false_negatives_are_masked_out_of_the_loss():
 
     generator = torch.Generator().manual_seed(0)
     emb_a, emb_b = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
-    masked = train.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a))
+    masked = training.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a))
     cos_ab = torch.nn.functional.normalize(emb_a, dim=-1) @ torch.nn.functional.normalize(emb_b, dim=-1).T
     by_hand = 0.0
     for sim, mask in ((cos_ab, a_to_b), (cos_ab.T, b_to_a)):
@@ -50,7 +51,7 @@ def test_false_negatives_are_masked_out_of_the_loss():
 
 def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
     # domain X: p-q, q-r, s-t, u-v; domain Y: w-x, y-z
-    known = train.KnownPairs(list("pqsuwy"), list("qrtvxz"))
+    known = training.KnownPairs(list("pqsuwy"), list("qrtvxz"))
     domains = ["X"] * 4 + ["Y"] * 2
     text = dict(zip(known.ids_a + known.ids_b, list("pqsuwy") + list("qrtvxz")))
     partners = {"p": "q", "q": "pr", "r": "q", "s": "t", "t": "s", "u": "v", "v": "u", "w": "x", "x": "w", "y": "z", "z": "y"}
@@ -75,7 +76,7 @@ def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
 
 
 def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked():
-    known = train.KnownPairs(["p", "r", "q"], ["q", "s", "t"])  # pairs p-q, r-s, q-t
+    known = training.KnownPairs(["p", "r", "q"], ["q", "s", "t"])  # pairs p-q, r-s, q-t
     ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
     text = dict(zip(known.ids_a + known.ids_b, "prqqst"))
     ids_hard = torch.tensor([known.ids_b[2], known.ids_a[1], known.ids_a[0]])  # hard negatives t, r, p
@@ -90,7 +91,7 @@ def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked()
     ]
     torch.manual_seed(0)
     emb_a, emb_b, emb_hard = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
-    loss = train.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a), emb_hard=emb_hard)
+    loss = training.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a), emb_hard=emb_hard)
     n = torch.nn.functional.normalize
     logits_a = 20 * n(emb_a, dim=-1) @ n(torch.cat([emb_b, emb_hard]), dim=-1).T
     logits_a = logits_a.masked_fill(a_to_b, -torch.inf)
@@ -106,8 +107,8 @@ def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data
     model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     model.train(dropout)
     datasets = train.load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
-    pairs, known = train.training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
-    batch = train.make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
+    pairs, known = training.training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
+    batch = training.make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
     assert ("hard" in batch) == bool(hard_negatives)
     accelerator = Accelerator(cpu=True)
 
@@ -119,7 +120,7 @@ def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data
             parts = [[model(**{k: v[rows] for k, v in batch[s].items()}, domain_ids=batch["domain_ids"][rows]).pooler_output
                       for s in ("a", "b")] for rows in torch.arange(8).split(mini_batch_size)]
             ignore = known.masks(batch["id_a"], batch["id_b"])
-            loss = train.multiple_negatives_ranking_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            loss = training.multiple_negatives_ranking_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                                                          20.0, ignore=ignore)
             loss.backward()
         else:
@@ -145,12 +146,12 @@ def _gathered_loss_worker(rank, port, out):
     torch.manual_seed(0)
     weight = torch.randn(6, 5)
     x_a, x_b = torch.randn(8, 6), torch.randn(8, 6)
-    known = train.KnownPairs(list("pqrstpuv"), list("qrpwxyzq"))  # repeated texts, across the two halves too
+    known = training.KnownPairs(list("pqrstpuv"), list("qrpwxyzq"))  # repeated texts, across the two halves too
     ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
 
     def loss(rows, acc):
         w = weight.clone().requires_grad_()
-        value = train.multiple_negatives_ranking_loss(
+        value = training.multiple_negatives_ranking_loss(
             x_a[rows] @ w, x_b[rows] @ w, 20.0, acc, known.masks(ids_a[rows], ids_b[rows], acc)
         )
         value.backward()
@@ -209,14 +210,14 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
     from transformers import AutoModel
 
     model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
-    collate = train.make_collate(model, tokenizer, 32)
-    pairs, _ = train.training_pairs({"CVD": train.load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
+    collate = training.make_collate(model, tokenizer, 32)
+    pairs, _ = training.training_pairs({"CVD": train.load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
     batch = collate([pairs[i] for i in range(len(pairs))])
 
     def loss():
         a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
         b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
-        return train.multiple_negatives_ranking_loss(a, b, 20.0)
+        return training.multiple_negatives_ranking_loss(a, b, 20.0)
 
     model.eval()  # no dropout: the comparison shows the step alone
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -362,7 +363,7 @@ def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tm
 
 def test_domain_batches_hold_one_domain_per_global_batch(capsys):
     domain_ids = [0] * 10 + [1] * 7 + [2] * 4
-    sampler = train.DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
+    sampler = training.DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 8  # global batches of 4: two of domain 0, one each of 1 and 2
     for first, second in zip(batches[::2], batches[1::2]):  # process 0 and 1 get consecutive batches
@@ -374,7 +375,7 @@ def test_domain_batches_hold_one_domain_per_global_batch(capsys):
     assert list(sampler) != batches
     # global batches of 8: domain 0 gives one, domains 1 and 2 have fewer pairs and give one smaller batch each
     # (6 of domain 1's 7, a multiple of the 2 processes; all 4 of domain 2), and the run says so
-    sampler = train.DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
+    sampler = training.DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
     assert "domain ids [1, 2] have fewer train pairs ([7, 4]) than one global batch (4 x 2 processes)" in capsys.readouterr().out
     batches = list(sampler)
     assert sorted(len(b) for b in batches) == [2, 2, 3, 3, 4, 4] and len(sampler) == 6
@@ -537,7 +538,7 @@ def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
 
 
 def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
-    pusher = train.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
     pusher.push(tmp_path, ["no-such-file.safetensors"], "", "step 1")  # raises nothing
     pusher.finish()
     out, err = capsys.readouterr()
@@ -549,7 +550,7 @@ def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
 def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_path):
     import threading
 
-    pusher = train.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
     started, release, sent = threading.Event(), threading.Event(), []
 
     def upload_folder(folder_path, commit_message, **kwargs):
@@ -583,8 +584,8 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
 
     crash_on_the_second_step.calls = 0
     with FakeHub() as hub:
-        hf_api = train.HfApi
-        monkeypatch.setattr(train, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
+        hf_api = training.HfApi
+        monkeypatch.setattr(training, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
         monkeypatch.setattr(train, "backward_step", crash_on_the_second_step)  # after step 1's checkpoint is queued
         monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(RuntimeError, match="out of memory"):
@@ -629,8 +630,8 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
 def test_the_card_names_the_licence_of_the_embedded_base():
     from defaults import DEFAULT_BASE_MODEL_ID
 
-    assert train.base_licence(DEFAULT_BASE_MODEL_ID) == "apache-2.0"
-    assert train.base_licence("no/such-model-offline") is None
+    assert training.base_licence(DEFAULT_BASE_MODEL_ID) == "apache-2.0"
+    assert training.base_licence("no/such-model-offline") is None
 
 
 def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_bert, tiny_data, tmp_path, monkeypatch):
