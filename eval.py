@@ -199,19 +199,25 @@ def retrieval_metrics(split, encoded: EncodedSplit) -> dict:
         if label == 1:
             partners.setdefault(index[a], set()).add(index[b])
             partners.setdefault(index[b], set()).add(index[a])
-    if not partners:
-        return {}
-    similarity = encoded.similarity_matrix()
-    reciprocal_ranks, recalls, ndcgs = [], [], []
+    return ranking_metrics(encoded.similarity_matrix(), partners) if partners else {}
+
+
+def ranking_metrics(similarity: np.ndarray, partners: dict, recall_ks=(10,)) -> dict:
+    """MRR, Recall@k and nDCG@10 of ranking, for each query row `q` of `similarity`, every other column; the
+    relevant columns of `q` are `partners[q]`. Candidates a query must not see can be set to -inf."""
+    reciprocal_ranks, ndcgs, recalls = [], [], {k: [] for k in recall_ks}
     for query, relevant in partners.items():
         ranking = np.argsort(-similarity[query], kind="stable")
         hits = np.isin(ranking[ranking != query], list(relevant))
-        reciprocal_ranks.append(1 / (np.argmax(hits) + 1))
-        recalls.append(hits[:10].sum() / len(relevant))
+        reciprocal_ranks.append(1 / (np.argmax(hits) + 1) if hits.any() else 0.0)
+        for k in recall_ks:
+            recalls[k].append(hits[:k].sum() / len(relevant))
         gains = hits[:10] / np.log2(np.arange(2, 2 + len(hits[:10])))
         ideal = (1 / np.log2(np.arange(2, 2 + min(len(relevant), 10)))).sum()
         ndcgs.append(gains.sum() / ideal)
-    return {"mrr": float(np.mean(reciprocal_ranks)), "recall_at_10": float(np.mean(recalls)), "ndcg_at_10": float(np.mean(ndcgs))}
+    return {"mrr": float(np.mean(reciprocal_ranks)), "ndcg_at_10": float(np.mean(ndcgs))} | {
+        f"recall_at_{k}": float(np.mean(values)) for k, values in recalls.items()
+    }
 
 
 def evaluate_model(encoder, datasets: dict, split: str) -> tuple[dict, dict]:

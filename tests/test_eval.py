@@ -171,3 +171,14 @@ def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, capsys):
         assert evaluation.torch.is_autocast_enabled("cpu") and evaluation.torch.get_autocast_dtype("cpu") == evaluation.torch.bfloat16
     with evaluation.autocast("cpu", "fp32"):
         assert not evaluation.torch.is_autocast_enabled("cpu")
+
+
+def test_ranking_metrics_by_hand_with_excluded_candidates():
+    similarity = np.array([[1.0, 0.2, 0.9, 0.5], [0.2, 1.0, 0.1, 0.3], [0.9, 0.1, 1.0, 0.4], [0.5, 0.3, 0.4, 1.0]])
+    partners = {0: {1}, 1: {0, 3}}
+    metrics = evaluation.ranking_metrics(similarity, partners, recall_ks=(1, 2))
+    # query 0 ranks 2, 3, 1: its partner third; query 1 ranks 3, 0, 2: both partners in the first two
+    assert metrics["mrr"] == pytest.approx((1 / 3 + 1) / 2)
+    assert (metrics["recall_at_1"], metrics["recall_at_2"]) == (pytest.approx(0.25), pytest.approx(0.5))
+    excluded = np.where([[True, True, False, False]] * 4, similarity, -np.inf)  # query 0 may not see papers 2, 3
+    assert evaluation.ranking_metrics(excluded, {0: {1}})["mrr"] == 1.0

@@ -1,0 +1,131 @@
+"""Retrieval on co-citation: can a model find a paper's co-cited partners among all test papers of all domains?
+
+    python benchmarks/bench_retrieval.py [--model NAME=PATH ...] [--output_dir docs]
+
+Every `test` paper of the embedded SYNERGY sample is in the collection, embedded by its own domain's expert (an
+index knows its papers' domains). Every test paper with co-cited partners in `test` is a query. Reported: MRR,
+Recall@10, nDCG@10, searching the whole collection and only the query's domain; for MoE-BERT models with the query's
+gold domain and with the domain predicted by `search.py`'s classifier (fitted on the train papers, never on test).
+Models: TF-IDF (fitted on the train texts), the base model, and `outputs/shared-expert` and `outputs/moebert` when
+`train.py` wrote them. Writes `retrieval.md` and a plot of Recall@k into `--output_dir`.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data.loading import load_domain_datasets, sample_specs  # noqa: E402
+from defaults import default_base_model  # noqa: E402
+from eval import DEFAULT_TRAINED, _normalise, autocast, default_device, load_encoder, ranking_metrics  # noqa: E402
+from search import DomainClassifier  # noqa: E402
+
+RECALL_KS = (1, 2, 5, 10, 20, 50, 100)
+
+
+def papers_and_partners(datasets: dict, split: str):
+    """Unique papers of `split` (text, domain), and each paper's co-cited partners (indices)."""
+    texts, domains, index, partners = [], [], {}, {}
+    for domain, dataset in datasets.items():
+        for row in dataset[split]:
+            for side in ("a", "b"):
+                if row[f"paper_{side}"] not in index:
+                    index[row[f"paper_{side}"]] = len(texts)
+                    texts.append(row[side])
+                    domains.append(domain)
+            if row["label"] == 1:
+                a, b = index[row["paper_a"]], index[row["paper_b"]]
+                partners.setdefault(a, set()).add(b)
+                partners.setdefault(b, set()).add(a)
+    return texts, domains, partners
+
+
+def embed_by_domain(encoder, texts: list[str], domains: list[str]) -> np.ndarray:
+    """Each text through its domain's expert (models without experts ignore the domain)."""
+    rows = {d: [i for i, x in enumerate(domains) if x == d] for d in sorted(set(domains))}
+    parts = {d: encoder.encode([texts[i] for i in r], d) for d, r in rows.items()}
+    dense = not hasattr(next(iter(parts.values())), "toarray")
+    width = next(iter(parts.values())).shape[1]
+    vectors = np.zeros((len(texts), width), dtype=np.float32)
+    for d, r in rows.items():
+        vectors[r] = parts[d] if dense else parts[d].toarray()
+    return _normalise(vectors)
+
+
+def scores(collection: np.ndarray, queries: np.ndarray, partners: dict, query_domains, domains) -> dict:
+    """Whole collection, and only the papers of the query's (gold or predicted) domain; query rows are aligned
+    with the collection's."""
+    similarity = queries @ collection.T
+    in_domain = np.where(np.equal.outer(np.array(query_domains), np.array(domains)), similarity, -np.inf)
+    return {"all": ranking_metrics(similarity, partners, RECALL_KS), "domain": ranking_metrics(in_domain, partners, RECALL_KS)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="NAME=PATH, repeatable (default: base, shared, moebert, tfidf)")
+    parser.add_argument("--output_dir", type=Path, default=Path("docs"))
+    parser.add_argument("--max_seq_length", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    args = parser.parse_args()
+    args.device = default_device()
+    specs = dict(s.split("=", 1) for s in args.model) if args.model else (
+        {"tfidf": "tfidf", "base": default_base_model()}
+        | {label: str(path) for label, path in DEFAULT_TRAINED.items() if path.exists()}
+    )
+    datasets = load_domain_datasets(sample_specs(), splits=("train", "test"))
+    texts, domains, partners = papers_and_partners(datasets, "test")
+    train_texts, train_domains, _ = papers_and_partners(datasets, "train")
+    classifier = DomainClassifier.fit(train_texts, train_domains)
+    predicted, _ = classifier.predict(texts)
+    accuracy = float(np.mean([p == d for p, d in zip(predicted, domains)]))
+    print(f"{len(texts)} test papers in {len(set(domains))} domains, {len(partners)} queries; "
+          f"domain classifier accuracy on the test papers {accuracy:.3f}")
+
+    results = {}
+    for label, spec in specs.items():
+        encoder = load_encoder(spec, args)
+        encoder.fit(train_texts)
+        with autocast(args.device, args.precision):
+            collection = embed_by_domain(encoder, texts, domains)
+            results[label] = scores(collection, collection, partners, domains, domains)
+            if getattr(encoder, "is_moebert", False) and encoder.model.config.num_experts > 1:
+                queries = embed_by_domain(encoder, texts, predicted)
+                results[f"{label}, predicted domain"] = scores(collection, queries, partners, predicted, domains)
+        print(label, json.dumps({k: round(v["recall_at_10"], 4) for k, v in results[label].items()}))
+    write_outputs(results, accuracy, len(texts), len(partners), args.output_dir)
+
+
+def write_outputs(results: dict, accuracy: float, papers: int, queries: int, output_dir: Path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = [f"{papers} test papers, {queries} queries; predicted-domain accuracy {accuracy:.3f}", "",
+             "| model | search | MRR | Recall@10 | nDCG@10 |", "|---|---|---|---|---|"]
+    for label, by_scope in results.items():
+        for scope, m in by_scope.items():
+            where = "whole collection" if scope == "all" else "query's domain only"
+            lines.append(f"| {label} | {where} | {m['mrr']:.3f} | {m['recall_at_10']:.3f} | {m['ndcg_at_10']:.3f} |")
+    (output_dir / "retrieval.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, by_scope in results.items():
+        ax.plot(RECALL_KS, [by_scope["all"][f"recall_at_{k}"] for k in RECALL_KS], marker="o", label=label)
+    ax.set(xscale="log", xlabel="k (papers returned)", ylabel="Recall@k", title="Co-cited partners found, whole collection")
+    ax.set_xticks(RECALL_KS, [str(k) for k in RECALL_KS])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output_dir / "retrieval_recall_at_k.png", dpi=100)
+    print(f"written to {output_dir}/retrieval.md and retrieval_recall_at_k.png")
+
+
+if __name__ == "__main__":
+    main()
