@@ -319,6 +319,11 @@ def _new_faiss_index(manifest: dict, sample: list[np.ndarray], args):
     if manifest["index_type"] == "flat":
         return faiss.IndexFlatIP(dimension)
     vectors = np.concatenate(sample)[: args.train_size]
+    if dimension % args.pq_m:
+        raise SearchError(f"--pq_m {args.pq_m} must divide the embedding dimension {dimension}.")
+    if len(vectors) < 256:  # each of the PQ's 256 codes per sub-vector needs a training point
+        raise SearchError(f"--index_type ivfpq needs at least 256 papers to train on, this collection has "
+                          f"{len(vectors)}: use the default flat index.")
     nlist = max(1, min(args.nlist, len(vectors) // 39))  # FAISS wants about 39 training vectors per list
     index = faiss.index_factory(dimension, f"IVF{nlist},PQ{args.pq_m}", faiss.METRIC_INNER_PRODUCT)
     index.train(vectors)

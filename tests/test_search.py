@@ -143,3 +143,19 @@ def test_the_shipped_collection_is_every_synergy_paper_once():
     papers = search.shipped_papers()
     assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in search.SAMPLE_DIR.iterdir() if p.is_dir()}
     assert len(papers) > 1000 and (papers["text"].str.len() > 0).all()
+
+
+def test_an_ivfpq_index_is_built_searched_and_refused_when_too_small(moe_folder, tmp_path):
+    small = collection(5)
+    small.to_csv(tmp_path / "small.csv", index=False)
+    with pytest.raises(SystemExit, match="ivfpq needs at least 256 papers to train on, this collection has 10"):
+        run_index(tmp_path / "small.csv", moe_folder, tmp_path / "small", "--index_type", "ivfpq", "--pq_m", "8")
+    with pytest.raises(SystemExit, match="--pq_m 48 must divide the embedding dimension 32"):
+        run_index(tmp_path / "small.csv", moe_folder, tmp_path / "small2", "--index_type", "ivfpq")
+    papers = collection(150)
+    papers.to_csv(tmp_path / "papers.csv", index=False)
+    manifest = run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--index_type", "ivfpq", "--pq_m", "8")
+    assert manifest["index_type"] == "ivfpq" and manifest["papers"] == 300
+    [result] = run_query(tmp_path / "index", "--text", papers["text"][7], "--domain", "CVD", "--top_k", "20",
+                         "--nprobe", "8")
+    assert "CVD-7" in [hit["id"] for hit in result["hits"]]  # approximate: near the top, not always first
