@@ -37,6 +37,7 @@ from training import (
     BASE_METRICS,
     BestModel,
     HubPusher,
+    ShardedEncoder,
     checkpoint_step,
     checkpoints,
     copy_model,
@@ -123,8 +124,8 @@ def parse_args(argv=None):
         "memory for large bases or long inputs, about a third more compute",
     )
     parser.add_argument(
-        "--ddp_timeout", type=int, default=1800, help="seconds a collective may wait (several processes): the others "
-        "wait while the main process scores valid, which takes longer on large valid sets and bases",
+        "--ddp_timeout", type=int, default=1800, help="seconds a collective may wait (several processes), e.g. the "
+        "others while the main process writes a checkpoint or the best model",
     )
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument(
@@ -278,11 +279,14 @@ def make_optimizer(model, args) -> torch.optim.AdamW:
 # ------------------------------------------------------------------------------------------------ evaluation, saving
 
 
-def evaluate(model, tokenizer, datasets, args) -> dict:
+def evaluate(model, tokenizer, datasets, args, accelerator: Accelerator | None = None) -> dict:
+    """Valid metrics; with several processes each encodes a share of the texts and all get the same results."""
     from eval import TransformerEncoder, evaluate_model
 
     model.eval()
     encoder = TransformerEncoder(model, tokenizer, args.max_seq_length, args.per_device_eval_batch_size)
+    if accelerator is not None and accelerator.num_processes > 1:
+        encoder = ShardedEncoder(encoder, accelerator)
     results, _ = evaluate_model(encoder, datasets, "valid")
     model.train()
     return results
@@ -326,7 +330,7 @@ def main(argv=None):
         # an expert that no token of this process's batch was routed to gets no gradient in that step
         kwargs_handlers=[
             DistributedDataParallelKwargs(),  # find_unused_parameters is set in train(), once the model is known
-            # the other processes wait in a barrier while the main process scores valid
+            # the other processes wait in a barrier while the main process writes checkpoints and the best model
             InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout)),
         ],
         **tracking,
@@ -462,11 +466,13 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
 
 
 def evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card: dict, best: BestModel):
-    """Score valid on the main process; keep the best model in OUTPUT_DIR/best_model; tell every process when
-    patience has run out (accelerator's trigger, so all of them stop at the same step)."""
+    """Score valid (every process encodes a share); on the main process keep the best model in
+    OUTPUT_DIR/best_model; tell every process when patience has run out (accelerator's trigger, so all of them stop
+    at the same step)."""
+    metrics = evaluate(accelerator.unwrap_model(model), tokenizer, datasets, args, accelerator)
     if accelerator.is_main_process:
         step = card["step"]
-        card["metrics"] = {**evaluate(accelerator.unwrap_model(model), tokenizer, datasets, args), "step": step}
+        card["metrics"] = {**metrics, "step": step}
         summary = {
             f"{prefix}{name}": card["metrics"][key][name]
             for key, prefix in (("mean", ""), ("all", "pooled_"))

@@ -17,6 +17,7 @@ import torch
 import torch.distributed.nn
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from huggingface_hub import HfApi
 from torch.utils.data import DataLoader
 
@@ -490,6 +491,29 @@ def link_or_copy(source: Path, target: Path):
         os.link(source, target)  # the snapshot keeps the file's content even if the loop replaces or deletes it
     except OSError:
         shutil.copy2(source, target)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+
+
+class ShardedEncoder:
+    """Every process encodes its share of the texts (every num_processes-th one) and all of them get every vector:
+    validation keeps all processes working in step, rather than leaving the others in a barrier that a long
+    validation would run into its timeout."""
+
+    def __init__(self, encoder, accelerator: Accelerator):
+        self.encoder, self.accelerator = encoder, accelerator
+
+    def fit(self, train_texts):
+        pass
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shares = gather_object([self.encoder.encode(texts[rank::world], domain)])
+        vectors = np.zeros((len(texts), shares[0].shape[1]), dtype=np.float32)
+        for process, share in enumerate(shares):
+            vectors[process::world] = share
+        return vectors
 
 
 # ------------------------------------------------------------------------------------------------ best model

@@ -691,3 +691,22 @@ def test_the_process_group_waits_as_long_as_ddp_timeout(monkeypatch):
         train.main(["--ddp_timeout", "5400"])
     timeouts = [h.timeout for h in seen["kwargs_handlers"] if hasattr(h, "timeout")]
     assert [t.total_seconds() for t in timeouts] == [5400]
+
+
+def test_validation_is_shared_between_processes_and_every_process_gets_every_vector(tiny_moe, monkeypatch):
+    from types import SimpleNamespace
+
+    from eval import TransformerEncoder
+
+    model, tokenizer = tiny_moe
+    encoder = TransformerEncoder(model, tokenizer, 32, 2)
+    texts = TEXTS + [t.upper() for t in TEXTS]  # 10 texts, 2 processes
+    seen = []
+    encode = encoder.encode
+    encoder.encode = lambda share, domain: (seen.append(list(share)), encode(share, domain))[1]
+    # what process 1 would contribute, gathered beside this process's (process 0's) share
+    monkeypatch.setattr(training, "gather_object", lambda own: own + [encode(texts[1::2], "CVD")])
+    sharded = training.ShardedEncoder(encoder, SimpleNamespace(process_index=0, num_processes=2))
+    vectors = sharded.encode(texts, "CVD")
+    assert seen == [texts[0::2]]  # this process encoded only its share
+    np.testing.assert_allclose(vectors, encode(texts, "CVD"), atol=1e-5)
