@@ -146,7 +146,7 @@ def bf16_is_native(device: str) -> bool:
 
 
 def autocast(device: str, precision: str):
-    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (else fp32, said once); fp32 for `fp32`."""
+    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (else fp32, and says so); fp32 for `fp32`."""
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
     if precision == "auto" and not use_bf16:
         print(f"encoding in fp32: bf16 is not native on {device}", file=sys.stderr)

@@ -30,13 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from data.cocitation import read_table
 from data.loading import SAMPLE_DIR
 from defaults import default_base_model
-from eval import TransformerEncoder, autocast, default_device
+from eval import TransformerEncoder, _normalise, autocast, default_device
 
 DEFAULT_INDEX_DIR = Path("search_index")
 DEFAULT_TRAINED = Path("outputs/moebert")  # what `python train.py` writes
@@ -135,18 +134,24 @@ def _fingerprint(folder: str, domains: list[str]) -> str:
 
 
 def embed(encoder, texts: list[str], domains: list[str]) -> np.ndarray:
-    """Unit vectors, each text through its own domain's expert; a (text, domain) seen twice is encoded once."""
-    model_domains = encoder.model.config.domains
-    unknown = sorted(set(domains) - set(model_domains))
-    if unknown:
-        raise SearchError(f"domain {unknown[0]!r} is not one of the model's domains {model_domains}.")
-    vectors = np.zeros((len(texts), encoder.model.config.hidden_size), dtype=np.float32)
+    """Unit vectors, each text through its own domain's expert (encoders without experts, such as `eval.py`'s
+    TF-IDF or sentence-transformers ones, ignore the domain); a (text, domain) seen twice is encoded once."""
+    if getattr(encoder, "is_moebert", False):
+        model_domains = encoder.model.config.domains
+        unknown = sorted(set(domains) - set(model_domains))
+        if unknown:
+            raise SearchError(f"domain {unknown[0]!r} is not one of the model's domains {model_domains}.")
+    vectors = np.zeros((len(texts), 0), dtype=np.float32)
     for domain in sorted(set(domains)):
         rows = [i for i, d in enumerate(domains) if d == domain]
         unique = sorted({texts[i] for i in rows})
-        encoded = dict(zip(unique, encoder.encode(unique, domain)))
-        vectors[rows] = np.stack([encoded[texts[i]] for i in rows])
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        encoded = encoder.encode(unique, domain)
+        encoded = encoded.toarray() if hasattr(encoded, "toarray") else encoded  # sparse TF-IDF rows
+        if not vectors.shape[1]:
+            vectors = np.zeros((len(texts), encoded.shape[1]), dtype=np.float32)
+        position = {text: j for j, text in enumerate(unique)}
+        vectors[rows] = encoded[[position[texts[i]] for i in rows]]
+    return _normalise(vectors)
 
 
 # ------------------------------------------------------------------------------------------------ domain classifier
@@ -161,7 +166,6 @@ class DomainClassifier:
 
     @classmethod
     def fit(cls, texts: list[str], domains: list[str]) -> "DomainClassifier":
-        from sklearn.feature_extraction.text import TfidfVectorizer
         from sklearn.linear_model import LogisticRegression
 
         vectorizer = _vectorizer()
@@ -226,7 +230,8 @@ def build_index(args) -> dict:
     manifest = _manifest_for(out, args, model_name, fingerprint, encoder)
     done = _chunk_ids(out)
     if args.add:
-        papers = pd.concat([_indexed_papers(out), papers[~papers["id"].isin(set(_indexed_papers(out)["id"]))]])
+        indexed = _indexed_papers(out)
+        papers = pd.concat([indexed, papers[~papers["id"].isin(set(indexed["id"]))]])
     elif set(done) - set(papers["id"]):
         raise SearchError(f"{out} already holds papers that are not in this collection: pass --add to append "
                           "these papers, or another --output_dir.")
@@ -234,12 +239,12 @@ def build_index(args) -> dict:
     print(f"{len(papers)} papers, {len(papers) - len(todo)} already embedded, {len(todo)} to embed with {model_name}")
     todo = todo.assign(length=todo["text"].str.len()).sort_values(["domain", "length"], kind="stable")
     next_chunk = len(list((out / CHUNKS).glob("*.npy")))
-    for start in tqdm(range(0, len(todo), args.chunk_size), desc="chunks", unit="chunk"):
-        chunk = todo.iloc[start : start + args.chunk_size]
-        with autocast(args.device, args.precision):
+    with autocast(args.device, args.precision):  # decided (and said) once, not per chunk
+        for start in tqdm(range(0, len(todo), args.chunk_size), desc="chunks", unit="chunk"):
+            chunk = todo.iloc[start : start + args.chunk_size]
             vectors = embed(encoder, chunk["text"].tolist(), chunk["domain"].tolist())
-        _write_chunk(out / CHUNKS, next_chunk, vectors, chunk)
-        next_chunk += 1
+            _write_chunk(out / CHUNKS, next_chunk, vectors, chunk)
+            next_chunk += 1
     manifest |= _write_faiss(out, manifest, args)
     texts = papers["text"].tolist()
     classifier_domains = papers["domain"].tolist()
@@ -300,7 +305,7 @@ def _write_faiss(out: Path, manifest: dict, args) -> dict:
     index = faiss.read_index(str(out / FAISS_FILE)) if indexed and (out / FAISS_FILE).exists() else None
     if index is None:
         indexed = 0
-        index = _new_faiss_index(manifest, [np.load(c.with_suffix(".npy"), allow_pickle=False) for c in chunks], args)
+        index = _new_faiss_index(manifest, chunks, args)
     papers = [] if indexed == 0 else [json.loads(line) for line in open(out / PAPERS)]
     for meta_file in chunks[indexed:]:
         index.add(np.load(meta_file.with_suffix(".npy"), allow_pickle=False))
@@ -312,12 +317,19 @@ def _write_faiss(out: Path, manifest: dict, args) -> dict:
     return {"indexed_chunks": len(chunks), "papers": index.ntotal}
 
 
-def _new_faiss_index(manifest: dict, sample: list[np.ndarray], args):
+def _new_faiss_index(manifest: dict, chunks: list[Path], args):
+    """An empty index; IVF-PQ is trained first, on the vectors of the first chunks (up to --train_size)."""
     import faiss
 
     dimension = manifest["dimension"]
     if manifest["index_type"] == "flat":
         return faiss.IndexFlatIP(dimension)
+    sample, count = [], 0
+    for chunk in chunks:
+        if count >= args.train_size:
+            break
+        sample.append(np.load(chunk.with_suffix(".npy"), allow_pickle=False))
+        count += len(sample[-1])
     vectors = np.concatenate(sample)[: args.train_size]
     if dimension % args.pq_m:
         raise SearchError(f"--pq_m {args.pq_m} must divide the embedding dimension {dimension}.")

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.loading import load_domain_datasets, sample_specs  # noqa: E402
 from defaults import default_base_model  # noqa: E402
-from eval import DEFAULT_TRAINED, _normalise, autocast, default_device, load_encoder, ranking_metrics  # noqa: E402
-from search import DomainClassifier  # noqa: E402
+from eval import DEFAULT_TRAINED, autocast, default_device, load_encoder, ranking_metrics  # noqa: E402
+from search import DomainClassifier, embed  # noqa: E402
 
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100)
 
@@ -42,18 +42,6 @@ def papers_and_partners(datasets: dict, split: str):
                 partners.setdefault(a, set()).add(b)
                 partners.setdefault(b, set()).add(a)
     return texts, domains, partners
-
-
-def embed_by_domain(encoder, texts: list[str], domains: list[str]) -> np.ndarray:
-    """Each text through its domain's expert (models without experts ignore the domain)."""
-    rows = {d: [i for i, x in enumerate(domains) if x == d] for d in sorted(set(domains))}
-    parts = {d: encoder.encode([texts[i] for i in r], d) for d, r in rows.items()}
-    dense = not hasattr(next(iter(parts.values())), "toarray")
-    width = next(iter(parts.values())).shape[1]
-    vectors = np.zeros((len(texts), width), dtype=np.float32)
-    for d, r in rows.items():
-        vectors[r] = parts[d] if dense else parts[d].toarray()
-    return _normalise(vectors)
 
 
 def scores(collection: np.ndarray, queries: np.ndarray, partners: dict, query_domains, domains) -> dict:
@@ -91,10 +79,10 @@ def main():
         encoder = load_encoder(spec, args)
         encoder.fit(train_texts)
         with autocast(args.device, args.precision):
-            collection = embed_by_domain(encoder, texts, domains)
+            collection = embed(encoder, texts, domains)
             results[label] = scores(collection, collection, partners, domains, domains)
             if getattr(encoder, "is_moebert", False) and encoder.model.config.num_experts > 1:
-                queries = embed_by_domain(encoder, texts, predicted)
+                queries = embed(encoder, texts, predicted)
                 results[f"{label}, predicted domain"] = scores(collection, queries, partners, predicted, domains)
         print(label, json.dumps({k: round(v["recall_at_10"], 4) for k, v in results[label].items()}))
     write_outputs(results, accuracy, len(texts), len(partners), args.output_dir)
