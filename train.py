@@ -1,6 +1,6 @@
 """Contrastive training of MoE-BERT on co-cited abstract pairs, with Accelerate.
 
-    python train.py                                   # embedded sample, embedded base model, 11 minutes on CPU
+    python train.py                                   # embedded sample, embedded base model, 8-11 minutes on CPU
     accelerate launch train.py --recipe full          # the same data, all train pairs at 256 tokens: a GPU
     accelerate launch train.py --model_name_or_path allenai/scibert_scivocab_uncased \
         --dataset CVD=GleghornLab/abstract_domain_cvd --dataset COPD=GleghornLab/abstract_domain_copd \
@@ -82,7 +82,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--num_train_epochs", type=int, default=None,
         help=f"the full recipe: this many passes over the train pairs (with neither this nor --max_train_steps: "
-        f"the quick default of {QUICK_STEPS} steps, about 11 minutes on a 2-core CPU)",
+        f"the quick default of {QUICK_STEPS} steps, 8 to 11 minutes on a 2-core CPU)",
     )
     parser.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     parser.add_argument(
