@@ -9,8 +9,8 @@
 A collection is a table with columns `id`, `text`, `domain` (csv/tsv/jsonl/parquet, the text formats also
 compressed; a `save_to_disk` folder; or a Hub dataset id). `index` writes into `--output_dir`: the vectors in
 chunks (an interrupted run resumes from the chunks already written), a FAISS index (inner product on unit
-vectors, i.e. cosine; `--index_type ivfpq` for collections whose vectors do not fit in memory), the ids and
-domains in index order, a domain classifier for queries without a domain, and `manifest.json` (model and its
+vectors, i.e. cosine; `--index_type ivfpq` for collections whose vectors do not fit in memory: compressed codes
+in memory, the candidates they find re-scored exactly from the chunks on disk), the ids and domains in index order, a domain classifier for queries without a domain, and `manifest.json` (model and its
 fingerprint, dimension, domains). `--add` appends papers to an existing index. `query` embeds the query with the
 index's own model, through the expert of `--domain` or, without it, of the predicted domain.
 
@@ -238,7 +238,7 @@ def build_index(args) -> dict:
     todo = papers[~papers["id"].isin(set(done))]
     print(f"{len(papers)} papers, {len(papers) - len(todo)} already embedded, {len(todo)} to embed with {model_name}")
     todo = todo.assign(length=todo["text"].str.len()).sort_values(["domain", "length"], kind="stable")
-    next_chunk = len(list((out / CHUNKS).glob("*.npy")))
+    next_chunk = 1 + max((int(f.stem) for f in (out / CHUNKS).glob("[0-9]*.npy")), default=-1)  # not a leftover .tmp
     with autocast(args.device, args.precision):  # decided (and said) once, not per chunk
         for start in tqdm(range(0, len(todo), args.chunk_size), desc="chunks", unit="chunk"):
             chunk = todo.iloc[start : start + args.chunk_size]
@@ -321,24 +321,31 @@ def _new_faiss_index(manifest: dict, chunks: list[Path], args):
     """An empty index; IVF-PQ is trained first, on the vectors of the first chunks (up to --train_size)."""
     import faiss
 
-    dimension = manifest["dimension"]
     if manifest["index_type"] == "flat":
-        return faiss.IndexFlatIP(dimension)
+        return faiss.IndexFlatIP(manifest["dimension"])
     sample, count = [], 0
     for chunk in chunks:
         if count >= args.train_size:
             break
         sample.append(np.load(chunk.with_suffix(".npy"), allow_pickle=False))
         count += len(sample[-1])
-    vectors = np.concatenate(sample)[: args.train_size]
-    if dimension % args.pq_m:
-        raise SearchError(f"--pq_m {args.pq_m} must divide the embedding dimension {dimension}.")
-    if len(vectors) < 256:  # each of the PQ's 256 codes per sub-vector needs a training point
+    return ivfpq_index(np.concatenate(sample)[: args.train_size], args.nlist, args.pq_m)
+
+
+def ivfpq_index(training_vectors: np.ndarray, nlist: int, pq_m: int):
+    """An empty IVF-PQ inner-product index trained on these vectors: `pq_m` bytes a vector, up to `nlist` lists."""
+    import faiss
+
+    count, dimension = training_vectors.shape
+    if dimension % pq_m:
+        raise SearchError(f"--pq_m {pq_m} must divide the embedding dimension {dimension}.")
+    if count < 256:  # each of the PQ's 256 codes per sub-vector needs a training point
         raise SearchError(f"--index_type ivfpq needs at least 256 papers to train on, this collection has "
-                          f"{len(vectors)}: use the default flat index.")
-    nlist = max(1, min(args.nlist, len(vectors) // 39))  # FAISS wants about 39 training vectors per list
-    index = faiss.index_factory(dimension, f"IVF{nlist},PQ{args.pq_m}", faiss.METRIC_INNER_PRODUCT)
-    index.train(vectors)
+                          f"{count}: use the default flat index.")
+    nlist = max(1, min(nlist, count // 39))  # FAISS wants about 39 training vectors per list
+    index = faiss.index_factory(dimension, f"IVF{nlist},PQ{pq_m}", faiss.METRIC_INNER_PRODUCT)
+    index.do_polysemous_training = False  # codes for Hamming pre-filtering, which search does not use: 30x the training time
+    index.train(training_vectors)
     return index
 
 
@@ -354,12 +361,16 @@ def _atomic_write(path: Path, text: str):
 class PaperIndex:
     """A built index, its model and its domain classifier: `search(texts, domain=None, top_k=10)`."""
 
-    def __init__(self, folder: Path, encoder, manifest: dict, papers: pd.DataFrame, faiss_index, classifier):
+    def __init__(self, folder: Path, encoder, manifest: dict, papers: pd.DataFrame, faiss_index, classifier,
+                 stored: "StoredVectors | None" = None, rerank: int = 10):
         self.folder, self.encoder, self.manifest, self.papers = folder, encoder, manifest, papers
-        self.faiss_index, self.classifier = faiss_index, classifier
+        self.faiss_index, self.classifier, self.stored, self.rerank = faiss_index, classifier, stored, rerank
 
     @classmethod
-    def load(cls, folder=DEFAULT_INDEX_DIR, model: str | None = None, device: str | None = None, nprobe: int = 16):
+    def load(cls, folder=DEFAULT_INDEX_DIR, model: str | None = None, device: str | None = None, nprobe: int = 64,
+             rerank: int = 10):
+        """`nprobe`, `rerank`: IVF-PQ only. Its `top_k * rerank` best candidates by compressed codes are re-scored
+        exactly from the stored vectors (memory-mapped, so only those rows are read); `rerank=0` keeps PQ scores."""
         import faiss
 
         folder = Path(folder)
@@ -372,10 +383,13 @@ class PaperIndex:
             raise SearchError(f"{folder} was built with the model {manifest['model']}, not {name} (its weights "
                               f"differ): query with --model {manifest['model']} or rebuild the index.")
         faiss_index = faiss.read_index(str(folder / FAISS_FILE))
+        stored = None
         if hasattr(faiss_index, "nprobe"):
             faiss_index.nprobe = nprobe
-        papers = pd.read_json(folder / PAPERS, lines=True, dtype=False).astype(str)
-        return cls(folder, encoder, manifest, papers, faiss_index, DomainClassifier.load(folder))
+            stored = StoredVectors.open(folder, faiss_index.ntotal) if rerank else None
+        with open(folder / PAPERS) as lines:  # ids and domains only: the texts are not needed to answer
+            papers = pd.DataFrame([(p["id"], p["domain"]) for p in map(json.loads, lines)], columns=["id", "domain"])
+        return cls(folder, encoder, manifest, papers, faiss_index, DomainClassifier.load(folder), stored, rerank)
 
     def search(self, texts: list[str], domain: str | None = None, top_k: int = 10) -> list[dict]:
         """Per query text: {"domain", "domain_probability" (None when given), "hits": [{"id", "domain", "score"}]}."""
@@ -387,7 +401,10 @@ class PaperIndex:
             domains, probabilities = [domain] * len(texts), [None] * len(texts)
         with autocast(str(self.encoder.model.device), self.manifest.get("precision", "fp32")):
             vectors = embed(self.encoder, texts, domains)
-        scores, rows = self.faiss_index.search(vectors, top_k)
+        if self.stored is None:
+            scores, rows = self.faiss_index.search(vectors, top_k)
+        else:
+            scores, rows = self.stored.rerank(vectors, self.faiss_index.search(vectors, top_k * self.rerank)[1], top_k)
         results = []
         for query_domain, probability, row_scores, row_ids in zip(domains, probabilities, scores, rows):
             hits = [
@@ -396,6 +413,40 @@ class PaperIndex:
             ]
             results.append({"domain": query_domain, "domain_probability": probability and float(probability), "hits": hits})
         return results
+
+
+class StoredVectors:
+    """The exact vectors of an index in its chunk files, in index order, memory-mapped: a row is read when asked."""
+
+    def __init__(self, chunks: list[np.ndarray]):
+        self.chunks, self.starts = chunks, np.cumsum([0] + [len(c) for c in chunks])
+
+    @classmethod
+    def open(cls, folder: Path, count: int) -> "StoredVectors":
+        """The chunks of the index in `folder`, which must hold the `count` vectors the FAISS index has."""
+        chunks = [np.load(c.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
+                  for c in sorted((folder / CHUNKS).glob("*.json"))]
+        stored = cls(chunks)
+        if stored.starts[-1] < count:
+            raise SearchError(f"{folder / CHUNKS} holds {stored.starts[-1]} vectors but the index {count}: the chunks "
+                              "were removed or cut short; query with --rerank 0 (compressed scores) or rebuild the index.")
+        return stored
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        chunk = np.searchsorted(self.starts, rows, side="right") - 1
+        return np.stack([self.chunks[c][r - self.starts[c]] for c, r in zip(chunk, rows)]).astype(np.float32)
+
+    def rerank(self, queries: np.ndarray, candidates: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's candidate rows (-1: none) ordered by exact inner product, best `top_k`, as FAISS returns them."""
+        scores = np.full((len(queries), top_k), -np.inf, dtype=np.float32)
+        rows = np.full((len(queries), top_k), -1, dtype=np.int64)
+        for i, (query, found) in enumerate(zip(queries, candidates)):
+            found = found[found >= 0]
+            if len(found):
+                exact = self.rows(found) @ query
+                best = np.argsort(-exact, kind="stable")[:top_k]
+                scores[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
+        return scores, rows
 
 
 def read_queries(path: str) -> list[str]:
@@ -439,7 +490,9 @@ def main(argv=None):
     query.add_argument("--queries", help="a .txt file (one query per line) or a table with a text column")
     query.add_argument("--domain", default=None, help="the queries' domain (default: predicted per query)")
     query.add_argument("--top_k", type=int, default=10)
-    query.add_argument("--nprobe", type=int, default=16, help="ivfpq: lists searched per query")
+    query.add_argument("--nprobe", type=int, default=64, help="ivfpq: lists searched per query")
+    query.add_argument("--rerank", type=int, default=10, help="ivfpq: top_k * rerank candidates re-scored exactly "
+                       "from the stored vectors (0: compressed scores, no disk reads)")
     query.add_argument("--model", default=None, help="default: the model the index was built with")
     query.add_argument("--json", action="store_true", help="one JSON object per query")
     for sub in (index, query):
@@ -456,7 +509,7 @@ def main(argv=None):
         texts = (args.text or []) + (read_queries(args.queries) if args.queries else [])
         if not texts:
             parser.error("query needs --text or --queries")
-        results = PaperIndex.load(args.index, args.model, args.device, args.nprobe).search(texts, args.domain, args.top_k)
+        results = PaperIndex.load(args.index, args.model, args.device, args.nprobe, args.rerank).search(texts, args.domain, args.top_k)
         print_results(texts, results, args.json)
         return results
     except SearchError as error:
