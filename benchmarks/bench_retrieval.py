@@ -5,7 +5,8 @@
 Every `test` paper of the embedded SYNERGY sample is in the collection, embedded by its own domain's expert (an
 index knows its papers' domains). Every test paper with co-cited partners in `test` is a query. Reported: MRR,
 Recall@10, nDCG@10, searching the whole collection and only the query's domain; for MoE-BERT models with the query's
-gold domain and with the domain predicted by `search.py`'s classifier (fitted on the train papers, never on test).
+gold domain, with the domain predicted by `search.py`'s classifier (fitted on the train papers, never on test),
+and with no domain at all: the query through every expert, each scored against its own domain's papers, merged.
 Models: TF-IDF (fitted on the train texts), the base model, and `outputs/shared-expert` and `outputs/moebert` when
 `train.py` wrote them. Writes `retrieval.md` and a plot of Recall@k into `--output_dir`.
 """
@@ -52,6 +53,16 @@ def scores(collection: np.ndarray, queries: np.ndarray, partners: dict, query_do
     return {"all": ranking_metrics(similarity, partners, RECALL_KS), "domain": ranking_metrics(in_domain, partners, RECALL_KS)}
 
 
+def merged_over_experts(encoder, texts: list[str], collection: np.ndarray, domains: list[str]) -> np.ndarray:
+    """The other way to search without a domain: each query through every expert, scored against the papers that
+    expert embedded (the same vector space), all merged into one ranking."""
+    similarity = np.empty((len(texts), len(domains)), dtype=np.float32)
+    for domain in sorted(set(domains)):
+        columns = np.array(domains) == domain
+        similarity[:, columns] = embed(encoder, texts, [domain] * len(texts)) @ collection[columns].T
+    return similarity
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="NAME=PATH, repeatable (default: base, shared, moebert, tfidf)")
@@ -84,6 +95,8 @@ def main():
             if getattr(encoder, "is_moebert", False) and encoder.model.config.num_experts > 1:
                 queries = embed(encoder, texts, predicted)
                 results[f"{label}, predicted domain"] = scores(collection, queries, partners, predicted, domains)
+                merged = merged_over_experts(encoder, texts, collection, domains)
+                results[f"{label}, every expert merged"] = {"all": ranking_metrics(merged, partners, RECALL_KS)}
         print(label, json.dumps({k: round(v["recall_at_10"], 4) for k, v in results[label].items()}))
     write_outputs(results, accuracy, len(texts), len(partners), args.output_dir)
 
