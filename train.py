@@ -29,6 +29,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from huggingface_hub import constants
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig, get_linear_schedule_with_warmup
+from transformers.models.bert.modeling_bert import BertSelfAttention
 
 from data.loading import SAMPLE_DIR, DatasetError, load_domain_datasets, parse_dataset_specs
 from defaults import DEFAULT_BASE_MODEL_ID, default_base_model, local_copy
@@ -120,6 +121,10 @@ def parse_args(argv=None):
     )
     parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"])
     parser.add_argument(
+        "--attention_dropout", type=float, default=None, help="dropout on the attention probabilities (default: the "
+        "model's, 0.1 in BERTs); with 0, a CPU keeps its fused attention in training (a 256-token forward 2.7x faster)",
+    )
+    parser.add_argument(
         "--gradient_checkpointing", action="store_true", help="recompute activations in the backward pass: less "
         "memory for large bases or long inputs, about a third more compute",
     )
@@ -187,6 +192,14 @@ def load_model(args, domains: list[str]):
     if args.model_name_or_path is None:  # the published config names the base by its Hub id, not a local folder
         model.config.base_model_name_or_path = DEFAULT_BASE_MODEL_ID
     return model, tokenizer
+
+
+def set_attention_dropout(model, probability: float):
+    """In the config (saved with the model) and in every attention block already built."""
+    model.config.attention_probs_dropout_prob = probability
+    for module in model.modules():
+        if isinstance(module, BertSelfAttention):
+            module.dropout.p = probability
 
 
 def backward_step(model, batch, args, accelerator, known_pairs) -> torch.Tensor:
@@ -365,6 +378,8 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None") -> dict:
         raise SystemExit(f"error: {error}") from None
     model, tokenizer = load_model(args, list(specs))
     model.config.max_seq_length = args.max_seq_length  # sentence-transformers encodes at the training length
+    if args.attention_dropout is not None:
+        set_attention_dropout(model, args.attention_dropout)
     domains = model.config.domains  # ids by the model's own order, whatever the order of --dataset flags
     try:
         train_pairs, known_pairs = training_pairs(datasets, domains, args.hard_negatives, args.seed)

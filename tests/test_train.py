@@ -232,6 +232,24 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
     assert loaded.config.domains == ["CVD", "COPD"] and loaded.config.max_seq_length == 32
 
 
+def test_attention_dropout_reaches_every_attention_block_and_the_saved_config(tiny_bert, tiny_data, tmp_path):
+    from transformers import AutoModel
+
+    model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    train.set_attention_dropout(model, 0.5)
+    batch = tokenizer(["[CVD] heart failure trial"], return_tensors="pt")
+    model.train()
+    assert not torch.equal(model(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    train.set_attention_dropout(model, 0.0)
+    assert torch.equal(model(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "1", "--attention_dropout", "0")
+    assert AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).config.attention_probs_dropout_prob == 0
+
+
 def test_every_domain_expert_is_written_as_its_own_file(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
