@@ -10,8 +10,9 @@ A collection is a table with columns `id`, `text`, `domain` (csv/tsv/jsonl/parqu
 compressed; a `save_to_disk` folder; or a Hub dataset id). `index` writes into `--output_dir`: the vectors in
 chunks (an interrupted run resumes from the chunks already written), a FAISS index (inner product on unit
 vectors, i.e. cosine; `--index_type ivfpq` for collections whose vectors do not fit in memory: compressed codes
-in memory, the candidates they find re-scored exactly from the chunks on disk), the ids and domains in index order, a domain classifier for queries without a domain, and `manifest.json` (model and its
-fingerprint, dimension, domains). `--add` appends papers to an existing index. `query` embeds the query with the
+in memory, the candidates they find re-scored exactly from the chunks on disk), the ids and domains in index
+order, a domain classifier for queries without a domain, and `manifest.json` (model and its fingerprint,
+dimension, domains). `--add` appends papers to an existing index. `query` embeds the query with the
 index's own model, through the expert of `--domain` or, without it, of the predicted domain.
 
 From Python:
@@ -238,7 +239,7 @@ def build_index(args) -> dict:
     todo = papers[~papers["id"].isin(set(done))]
     print(f"{len(papers)} papers, {len(papers) - len(todo)} already embedded, {len(todo)} to embed with {model_name}")
     todo = todo.assign(length=todo["text"].str.len()).sort_values(["domain", "length"], kind="stable")
-    next_chunk = 1 + max((int(f.stem) for f in (out / CHUNKS).glob("[0-9]*.npy")), default=-1)  # not a leftover .tmp
+    next_chunk = 1 + max((int(f.stem) for f in (out / CHUNKS).glob("[0-9]*.npy")), default=-1)  # skips .NNNNNN.npy
     with autocast(args.device, args.precision):  # decided (and said) once, not per chunk
         for start in tqdm(range(0, len(todo), args.chunk_size), desc="chunks", unit="chunk"):
             chunk = todo.iloc[start : start + args.chunk_size]
@@ -277,8 +278,13 @@ def _manifest_for(out: Path, args, model_name: str, fingerprint: str, encoder) -
     return manifest
 
 
+def _finished_chunks(out: Path) -> list[Path]:
+    """The chunks' id files in index order; a chunk's vectors are the .npy beside it (one without ids is unfinished)."""
+    return sorted((out / CHUNKS).glob("*.json"))
+
+
 def _chunk_ids(out: Path) -> list[str]:
-    return [i for meta in sorted((out / CHUNKS).glob("*.json")) for i in json.loads(meta.read_text())["id"]]
+    return [i for meta in _finished_chunks(out) for i in json.loads(meta.read_text())["id"]]
 
 
 def _indexed_papers(out: Path) -> pd.DataFrame:
@@ -300,7 +306,7 @@ def _write_faiss(out: Path, manifest: dict, args) -> dict:
     papers table in index order."""
     import faiss
 
-    chunks = sorted((out / CHUNKS).glob("*.json"))
+    chunks = _finished_chunks(out)
     indexed = manifest.get("indexed_chunks", 0)
     index = faiss.read_index(str(out / FAISS_FILE)) if indexed and (out / FAISS_FILE).exists() else None
     if index is None:
@@ -424,8 +430,7 @@ class StoredVectors:
     @classmethod
     def open(cls, folder: Path, count: int) -> "StoredVectors":
         """The chunks of the index in `folder`, which must hold the `count` vectors the FAISS index has."""
-        chunks = [np.load(c.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
-                  for c in sorted((folder / CHUNKS).glob("*.json"))]
+        chunks = [np.load(c.with_suffix(".npy"), mmap_mode="r", allow_pickle=False) for c in _finished_chunks(folder)]
         stored = cls(chunks)
         if stored.starts[-1] < count:
             raise SearchError(f"{folder / CHUNKS} holds {stored.starts[-1]} vectors but the index {count}: the chunks "

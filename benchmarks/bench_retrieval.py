@@ -56,9 +56,9 @@ def scores(collection: np.ndarray, queries: np.ndarray, partners: dict, query_do
 def merged_over_experts(encoder, texts: list[str], collection: np.ndarray, domains: list[str]) -> np.ndarray:
     """The other way to search without a domain: each query through every expert, scored against the papers that
     expert embedded (the same vector space), all merged into one ranking."""
-    similarity = np.empty((len(texts), len(domains)), dtype=np.float32)
+    similarity, domains = np.empty((len(texts), len(domains)), dtype=np.float32), np.array(domains)
     for domain in sorted(set(domains)):
-        columns = np.array(domains) == domain
+        columns = domains == domain
         similarity[:, columns] = embed(encoder, texts, [domain] * len(texts)) @ collection[columns].T
     return similarity
 
