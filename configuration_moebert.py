@@ -11,9 +11,14 @@ def default_domain_token(domain: str) -> str:
 
 
 def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
-    """Turn "all", "middle", a comma-separated string or a list of indices into sorted layer indices."""
+    """Turn "all", "upper" (the upper half), "topN" (the N last layers), "middle", a comma-separated string or a list
+    of indices into sorted layer indices."""
     if moe_layers == "all":
         return list(range(num_hidden_layers))
+    if moe_layers == "upper":
+        return list(range(num_hidden_layers // 2, num_hidden_layers))
+    if isinstance(moe_layers, str) and moe_layers.startswith("top") and moe_layers[3:].isdigit():
+        moe_layers = list(range(max(num_hidden_layers - int(moe_layers[3:]), 0), num_hidden_layers))
     if moe_layers == "middle":
         return [num_hidden_layers // 2]
     if isinstance(moe_layers, str):
@@ -21,7 +26,7 @@ def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
             moe_layers = [int(part) for part in moe_layers.split(",") if part.strip()]
         except ValueError:
             raise ValueError(
-                f"moe_layers={moe_layers!r} is not understood: use 'all', 'middle' or layer indices such as '0,5,11'."
+                f"moe_layers={moe_layers!r} is not understood: use 'all', 'upper', 'top2', 'middle' or layer indices such as '0,5,11'."
             ) from None
     indices = sorted(set(int(i) for i in moe_layers))
     if not indices:
@@ -46,11 +51,15 @@ class MoEBertConfig(BertConfig):
             are added to a tokenizer (see `MoEBertModel.from_bert`).
         num_experts (`int`, *optional*): experts per MoE layer; `len(domains)` by default. `1` makes a shared model
             (every domain uses the same feed-forward block), the paper's "one model for all domains" baseline.
-        moe_layers (`"all"`, `"middle"` or `list[int]`): the layers whose feed-forward block is split into experts.
+        moe_layers (`"all"`, `"upper"`, `"topN"`, `"middle"` or `list[int]`): the layers whose feed-forward block is
+            split into experts (`"upper"`: the upper half; `"top2"`: the last two layers).
         routing_mode (`"sentence"` or `"token"`): one expert per sequence (from `domain_ids` or the domain token
             after `[CLS]`), or one expert per token taken from `token_type_ids`.
         pooling (`"mean"` or `"cls"`): how `pooler_output` is made from the last hidden states.
         base_model_name_or_path (`str`, *optional*): the BERT checkpoint the experts were copied from.
+        calibration (`dict`, *optional*): per domain, the map from cosine similarity to the probability that two
+            texts are co-cited, `{"method": "platt", "fitted_on": "valid", "parameters": {domain: [a, b]}}` for
+            `sigmoid(a * cosine + b)`; see `MoEBertModel.cocitation_probability`.
     """
 
     model_type = "moebert"
@@ -65,6 +74,7 @@ class MoEBertConfig(BertConfig):
         routing_mode="sentence",
         pooling="mean",
         base_model_name_or_path=None,
+        calibration=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -78,6 +88,7 @@ class MoEBertConfig(BertConfig):
         self.routing_mode = routing_mode
         self.pooling = pooling
         self.base_model_name_or_path = base_model_name_or_path
+        self.calibration = calibration
         self.validate_moe()
 
     def validate_moe(self):
@@ -104,6 +115,9 @@ class MoEBertConfig(BertConfig):
             raise ValueError(f"routing_mode={self.routing_mode!r}: choose one of {ROUTING_MODES}.")
         if self.pooling not in POOLING_MODES:
             raise ValueError(f"pooling={self.pooling!r}: choose one of {POOLING_MODES}.")
+        unknown = sorted(set((self.calibration or {}).get("parameters", {})) - set(self.domains))
+        if unknown:
+            raise ValueError(f"calibration for unknown domains {unknown}: this model knows {self.domains}.")
 
     def expert_of_domain(self, domain_id: int) -> int:
         return domain_id if self.num_experts > 1 else 0

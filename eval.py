@@ -18,139 +18,35 @@ drawn within each domain and label). Writes `results.json`, `predictions.csv`, a
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
 from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs
 from defaults import default_base_model
-from metrics import BOOTSTRAP_METRICS, OneClassError, honest_metrics, pair_metrics, paired_bootstrap
+from encoders import RemoteCodeError, autocast, default_device, load_encoder, normalise
+from metrics import (
+    BOOTSTRAP_METRICS,
+    OneClassError,
+    calibration_metrics,
+    f1_max,
+    fit_platt,
+    honest_metrics,
+    pair_metrics,
+    paired_bootstrap,
+    platt,
+    reliability_curve,
+    roc_auc,
+)
 
 DEFAULT_TRAINED = {"moebert": Path("outputs/moebert"), "shared": Path("outputs/shared-expert")}  # train.py's outputs
 TABLE_METRICS = ("f1_max", "roc_auc", "f1_at_valid_threshold")
 SUMMARIES = ("mean", "all")  # keys of a model's results beside its domains
-
-
-# ------------------------------------------------------------------------------------------------ encoders
-
-
-class TransformerEncoder:
-    """A MoE-BERT (texts get their domain token) or a plain encoder (mean pooling over non-padding tokens)."""
-
-    def __init__(self, model, tokenizer, max_seq_length: int, batch_size: int):
-        self.model, self.tokenizer = model, tokenizer
-        self.is_moebert = getattr(model.config, "model_type", None) == "moebert"
-        self.max_seq_length, self.batch_size = max_seq_length, batch_size
-
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, max_seq_length: int, batch_size: int, device: str = "cpu"):
-        from transformers import AutoModel, AutoTokenizer
-
-        model = AutoModel.from_pretrained(name_or_path, trust_remote_code=True).to(device).eval()
-        return cls(model, AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True), max_seq_length, batch_size)
-
-    def fit(self, train_texts):
-        pass
-
-    def encode(self, texts: list[str], domain: str) -> np.ndarray:
-        if self.is_moebert:
-            texts = self.model.prepend_domain_token(texts, domain)  # unknown domain: ValueError naming the known
-        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
-        vectors = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        batches = range(0, len(texts), self.batch_size)
-        for start in tqdm(batches, desc=f"encoding {domain}", unit="batch", leave=False):
-            index = order[start : start + self.batch_size]
-            batch = self.tokenizer(
-                [texts[i] for i in index], padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
-            ).to(self.model.device)
-            if self.is_moebert:  # by name, in either routing mode (token routing would read the all-zero segments)
-                batch["domain_ids"] = torch.full((len(index),), self.model.config.domain_index(domain), device=self.model.device)
-            with torch.inference_mode():
-                output = self.model(**batch)
-            vectors[index] = self._pool(output, batch["attention_mask"]).float().cpu().numpy()
-        return vectors
-
-    def _pool(self, output, attention_mask):
-        if self.is_moebert:
-            return output.pooler_output
-        mask = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
-        return (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-
-
-class SentenceTransformerEncoder:
-    """A sentence-transformers model (a repo with `modules.json`), encoded with its own pooling and normalisation:
-    mean pooling would be wrong for models trained with CLS or last-token pooling."""
-
-    def __init__(self, name_or_path: str, max_seq_length: int, batch_size: int, device: str = "cpu"):
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(name_or_path, trust_remote_code=True, device=device)
-        self.model.max_seq_length = max_seq_length
-        self.batch_size = batch_size
-
-    def fit(self, train_texts):
-        pass
-
-    def encode(self, texts: list[str], domain: str) -> np.ndarray:
-        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=True)
-
-
-class TfidfEncoder:
-    """The classic reference: TF-IDF vectors fitted on the domain's training texts."""
-
-    def __init__(self):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-
-        self.vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english")
-
-    def fit(self, train_texts):
-        self.vectorizer.fit(train_texts)
-
-    def encode(self, texts, domain):
-        return self.vectorizer.transform(texts)
-
-
-def load_encoder(spec: str, args):
-    """`tfidf`; a MoE-BERT; a sentence-transformers model (has modules.json); else any encoder, mean-pooled."""
-    from transformers import PretrainedConfig
-    from transformers.utils import cached_file
-
-    if spec == "tfidf":
-        return TfidfEncoder()
-    config, _ = PretrainedConfig.get_config_dict(spec)  # local folder or Hub id; OSError when neither
-    if config.get("model_type") != "moebert" and cached_file(
-        spec, "modules.json", _raise_exceptions_for_missing_entries=False
-    ):
-        return SentenceTransformerEncoder(spec, args.max_seq_length, args.batch_size, args.device)
-    return TransformerEncoder.from_pretrained(spec, args.max_seq_length, args.batch_size, args.device)
-
-
-def default_device() -> str:
-    """The accelerator when there is one: every transformer model of a comparison runs on the same device."""
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def bf16_is_native(device: str) -> bool:
-    """Whether this device computes bf16 matrix products natively (CUDA Ampere+, x86 CPUs with AVX512-BF16 or
-    AMX): elsewhere bf16 is emulated and slower than fp32."""
-    if device.startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    cpuinfo = Path("/proc/cpuinfo")
-    return device == "cpu" and cpuinfo.exists() and bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.read_text().split()))
-
-
-def autocast(device: str, precision: str):
-    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (else fp32, and says so); fp32 for `fp32`."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
-    if precision == "auto" and not use_bf16:
-        print(f"encoding in fp32: bf16 is not native on {device}", file=sys.stderr)
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
+NOT_DOMAINS = ("bootstrap", "calibration")  # and keys that are neither domains nor summaries
 
 
 def parse_model_specs(specs: list[str] | None) -> dict[str, str]:
@@ -175,7 +71,7 @@ class EncodedSplit:
     def __init__(self, encoder, split, domain: str):
         self.texts = sorted(set(split["a"]) | set(split["b"]))
         index = {t: i for i, t in enumerate(self.texts)}
-        self.vectors = _normalise(encoder.encode(self.texts, domain))
+        self.vectors = normalise(encoder.encode(self.texts, domain))
         a = self.vectors[[index[t] for t in split["a"]]]
         b = self.vectors[[index[t] for t in split["b"]]]
         self.scores = np.asarray(a.multiply(b).sum(axis=1)).ravel() if hasattr(a, "multiply") else (a * b).sum(axis=1)
@@ -183,12 +79,6 @@ class EncodedSplit:
     def similarity_matrix(self) -> np.ndarray:
         similarity = self.vectors @ self.vectors.T
         return similarity.toarray() if hasattr(similarity, "toarray") else similarity
-
-
-def _normalise(vectors):
-    if hasattr(vectors, "multiply"):  # sparse TF-IDF rows are already unit length
-        return vectors.tocsr()
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def retrieval_metrics(split, encoded: EncodedSplit) -> dict:
@@ -221,7 +111,8 @@ def ranking_metrics(similarity: np.ndarray, partners: dict, recall_ks=(10,)) -> 
 
 
 def evaluate_model(encoder, datasets: dict, split: str) -> tuple[dict, dict]:
-    """Metrics per domain and pooled, and the scores of each evaluated pair: ({domain: metrics}, {domain: arrays})."""
+    """Metrics per domain and pooled, and the scores of each evaluated pair: ({domain: metrics},
+    {domain: {"valid" | split: (scores, labels)}})."""
     results, scored = {}, {}
     pooled = {name: ([], []) for name in ("valid", split)}
     encoded_texts, started = 0, time.perf_counter()
@@ -241,7 +132,7 @@ def evaluate_model(encoder, datasets: dict, split: str) -> tuple[dict, dict]:
         labels = {name: np.asarray(dataset[name]["label"]) for name in splits}
         results[domain] = _split_metrics(splits, labels, split)
         results[domain] |= retrieval_metrics(dataset[split], encoded[split])
-        scored[domain] = (splits[split], labels[split])
+        scored[domain] = {name: (splits[name], labels[name]) for name in splits}
     if scored:
         scores = {name: np.concatenate(s) for name, (s, _) in pooled.items()}
         labels = {name: np.concatenate(l) for name, (_, l) in pooled.items()}
@@ -270,11 +161,102 @@ def _split_metrics(scores: dict, labels: dict, split: str) -> dict:
         return {"error": f"{split}: {error}"}
 
 
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def fit_calibration(scored: dict, fitted_by: str = "train.py") -> dict:
+    """Per domain, Platt scaling fitted on its `valid` scores: what a MoE-BERT config stores as `calibration`.
+    Domains whose valid split has one class only get none."""
+    parameters = {}
+    for domain, splits in scored.items():
+        try:
+            parameters[domain] = list(fit_platt(*splits["valid"]))
+        except OneClassError:
+            continue
+    return {"method": "platt", "fitted_on": "valid", "fitted_by": fitted_by, "parameters": parameters}
+
+
+def calibration_report(scored: dict, split: str, calibration: dict) -> tuple[dict, dict]:
+    """Raw cosines and calibrated probabilities of `split`, side by side: pooled ROC-AUC, F1max and the threshold
+    it picks (one threshold for all domains), expected calibration error and Brier score, pooled and per domain
+    (raw cosines read as probabilities, clipped to [0, 1]). Returns (report, {domain: (probabilities, labels)})."""
+    parameters = calibration["parameters"]
+    raw = {d: splits[split] for d, splits in scored.items() if d in parameters}
+    calibrated = {d: (platt(scores, *parameters[d]), labels) for d, (scores, labels) in raw.items()}
+    report = {k: v for k, v in calibration.items() if k != "parameters"} | {"parameters": parameters}
+    for view, per_domain in (("raw", raw), ("calibrated", calibrated)):
+        scores, labels = (np.concatenate([arrays[i] for arrays in per_domain.values()]) for i in (0, 1))
+        best = f1_max(scores, labels)
+        report[view] = {
+            "pooled": {"roc_auc": roc_auc(scores, labels), "f1_max": best["f1_max"],
+                       "f1_max_threshold": best["f1_max_threshold"]} | calibration_metrics(scores, labels),
+            "per_domain": {d: calibration_metrics(*arrays) for d, arrays in per_domain.items()},
+        }
+    return report, calibrated
+
+
+def scored_metrics(per_domain: dict) -> dict:
+    """pair_metrics of given scores per domain, their mean over domains, and pooled (`all`)."""
+    results = {d: pair_metrics(*arrays) for d, arrays in per_domain.items()}
+    results["mean"] = _mean_over_domains(list(results.values()))
+    results["all"] = pair_metrics(*(np.concatenate([a[i] for a in per_domain.values()]) for i in (0, 1)))
+    return results
+
+
+def calibration_table(results: dict) -> str:
+    """Pooled over domains (one threshold for all): raw cosines against calibrated probabilities, per model."""
+    lines = ["| pooled over domains | ROC-AUC raw / calibrated | F1max raw / calibrated | its threshold raw / calibrated "
+             "| ECE raw / calibrated | Brier raw / calibrated |", "|---|---|---|---|---|---|"]
+    for label, per_model in results.items():
+        if "calibration" in per_model:
+            report = per_model["calibration"]
+            cells = [" / ".join(f"{report[v]['pooled'][m]:.3f}" for v in ("raw", "calibrated"))
+                     for m in ("roc_auc", "f1_max", "f1_max_threshold", "ece", "brier")]
+            lines.append(f"| {label} ({report.get('fitted_by', 'model')}) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def calibrate(argv: list[str]):
+    """`python eval.py calibrate --model FOLDER`: fit a MoE-BERT's per-domain calibration on `valid` and store it
+    in the folder's config.json."""
+    parser = argparse.ArgumentParser(prog="eval.py calibrate", description=calibrate.__doc__)
+    parser.add_argument("--model", required=True, help="a local MoE-BERT folder (its config.json is rewritten)")
+    parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
+    parser.add_argument("--max_seq_length", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
+    args = parser.parse_args(argv)
+    args.device = args.device or default_device()
+    folder = Path(args.model)
+    if not (folder / "config.json").is_file():
+        parser.error(f"--model {args.model}: give a local model folder; the calibration is written into its config.json.")
+    encoder = load_encoder(args.model, args.max_seq_length, args.batch_size, args.device)
+    if not getattr(encoder, "is_moebert", False):
+        parser.error(f"--model {args.model} is no MoE-BERT; for other models eval.py fits a calibration on valid itself.")
+    try:
+        datasets = {d: load_domain_dataset(src, ("train", "valid"), d) for d, src in parse_dataset_specs(args.dataset).items()}
+    except DatasetError as error:
+        parser.error(str(error))
+    with autocast(args.device, args.precision):
+        _, scored = evaluate_model(encoder, datasets, "valid")
+    calibration = fit_calibration(scored, "eval.py calibrate")
+    config = encoder.model.config
+    config.calibration = calibration
+    config.save_pretrained(folder / ".tmp-config")
+    os.replace(folder / ".tmp-config" / "config.json", folder / "config.json")
+    shutil.rmtree(folder / ".tmp-config")
+    for domain, (a, b) in calibration["parameters"].items():
+        print(f"{domain}: P(co-cited) = sigmoid({a:.3f} * cosine {b:+.3f}); 0.5 at cosine {-b / a:.3f}")
+    print(f"calibration written to {folder / 'config.json'}")
+    return calibration
+
+
 # ------------------------------------------------------------------------------------------------ output
 
 
 def markdown_table(results: dict, metric: str) -> str:
-    domains = sorted({d for per_model in results.values() for d in per_model if d not in SUMMARIES + ("bootstrap",)})
+    domains = sorted({d for per_model in results.values() for d in per_model if d not in SUMMARIES + NOT_DOMAINS})
     domains += list(SUMMARIES)
     lines = [f"| {metric} | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
     for label, per_domain in results.items():
@@ -356,11 +338,44 @@ def plot(predictions: dict, results: dict, output_dir: Path):
         plt.close(fig)
 
 
+def plot_reliability(results: dict, predictions: dict, output_dir: Path):
+    """Per calibrated model: observed co-citation frequency against the predicted probability, pooled over domains,
+    raw cosines and calibrated probabilities (a calibrated model follows the diagonal)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for label, per_model in results.items():
+        if "calibration" not in per_model:
+            continue
+        parameters = per_model["calibration"]["parameters"]
+        raw = [predictions[(label, d)] for d in parameters if (label, d) in predictions]
+        scores, labels = (np.concatenate([r[i] for r in raw]) for i in (0, 1))
+        probabilities = np.concatenate([platt(predictions[(label, d)][0], *parameters[d]) for d in parameters
+                                        if (label, d) in predictions])
+        fig, ax = plt.subplots(figsize=(5, 5))
+        ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfectly calibrated")
+        for name, values in (("cosine read as a probability", scores), ("calibrated probability", probabilities)):
+            predicted, observed, _ = reliability_curve(values, labels)
+            ece = calibration_metrics(values, labels)["ece"]
+            ax.plot(predicted, observed, marker="o", label=f"{name} (ECE {ece:.3f})")
+        ax.set(xlabel="predicted probability of co-citation", ylabel="observed share co-cited",
+               title=f"{label}: reliability, all domains pooled", xlim=(0, 1), ylim=(0, 1))
+        ax.legend(loc="upper left", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(output_dir / f"reliability_{_safe(label)}.png", dpi=100)
+        plt.close(fig)
+
+
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["calibrate"]:
+        return calibrate(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="NAME=PATH_OR_HUB_ID, PATH_OR_HUB_ID, or tfidf; repeatable")
     parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
@@ -370,6 +385,10 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the accelerator if there is one)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="encode under bf16 "
                         "autocast (auto: where bf16 is native); the reported figures are fp32")
+    parser.add_argument(
+        "--trust_remote_code", action="store_true", help="let a model that is no MoE-BERT run Python code from its own "
+        "repository (MoE-BERT folders are loaded with this project's classes and never need it)",
+    )
     parser.add_argument("--output_dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resamples for the gains' 95%% intervals")
     parser.add_argument(
@@ -395,16 +414,27 @@ def main(argv=None):
     for label, path in models.items():
         print(f"model {label}: {path}")
         try:
-            encoder = load_encoder(path, args)
+            encoder = load_encoder(path, args.max_seq_length, args.batch_size, args.device, args.trust_remote_code)
+        except RemoteCodeError as error:
+            parser.error(str(error))
         except (OSError, ValueError) as error:  # unknown id, no network, not a model folder
             print(f"  skipped: cannot load {path}: {error}", file=sys.stderr)
             results[label] = {"all": {"error": f"cannot load {path}: {error}"}}
             continue
         with autocast(args.device, args.precision):
             results[label], scored = evaluate_model(encoder, datasets, args.split)
-        predictions |= {(label, domain): arrays for domain, arrays in scored.items()}
+        predictions |= {(label, domain): arrays[args.split] for domain, arrays in scored.items()}
+        if args.split == "test" and scored:
+            stored = getattr(getattr(getattr(encoder, "model", None), "config", None), "calibration", None)
+            report, calibrated = calibration_report(scored, args.split, stored or fit_calibration(scored, "eval.py"))
+            results[label]["calibration"] = report
+            if stored:  # the model's own probabilities, scored beside its cosines (and against the references)
+                results[f"{label} (calibrated)"] = scored_metrics(calibrated)
+                predictions |= {(f"{label} (calibrated)", domain): arrays for domain, arrays in calibrated.items()}
 
     tables = "\n\n".join(markdown_table(results, m) for m in TABLE_METRICS if args.split == "test" or m != TABLE_METRICS[2])
+    if any("calibration" in r for r in results.values()):
+        tables += "\n\n" + calibration_table(results)
     scored_references = [r for r in references if any(label == r for label, _ in predictions)]
     if args.bootstrap and scored_references:
         gains = bootstrap_gains(predictions, scored_references, args.bootstrap)
@@ -414,6 +444,7 @@ def main(argv=None):
     (args.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     write_predictions(args.output_dir / "predictions.csv", predictions)
     plot(predictions, results, args.output_dir)
+    plot_reliability(results, predictions, args.output_dir)
     (args.output_dir / "results.md").write_text(tables + "\n")
     print(f"\n{tables}\n\nwritten to {args.output_dir}/ (results.json, results.md, predictions.csv, plots)")
     return results

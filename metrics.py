@@ -166,3 +166,39 @@ def _bootstrap_values(scored: dict, labels: dict, draws: list) -> dict:
         out["mean"][name] = (mean_over_domains(everything), np.array([mean_over_domains(draw) for draw in draws]))
         out["all"][name] = (pooled(everything), np.array([pooled(draw) for draw in draws]))
     return out
+
+
+# --------------------------------------------------------------------------------------------- calibration
+
+
+def fit_platt(scores, labels) -> tuple[float, float]:
+    """Platt scaling: (a, b) of P(co-cited) = sigmoid(a * score + b), by maximum likelihood (logistic regression
+    on the one score, unregularised). Monotone when a > 0."""
+    from sklearn.linear_model import LogisticRegression
+
+    scores, labels = _checked(scores, labels)
+    fit = LogisticRegression(C=np.inf, max_iter=1000).fit(scores[:, None], labels)
+    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
+
+
+def platt(scores, a: float, b: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=np.float64) + b)))
+
+
+def calibration_metrics(probabilities, labels, bins: int = 10) -> dict:
+    """Expected calibration error (`bins` equal-width bins of predicted probability, each weighted by its share of
+    the pairs: |mean predicted - observed frequency|) and the Brier score (mean squared error of the probability)."""
+    probabilities, labels = _checked(np.clip(probabilities, 0.0, 1.0), labels)
+    which = np.minimum((probabilities * bins).astype(int), bins - 1)
+    gaps = [abs(probabilities[which == k].mean() - labels[which == k].mean()) * (which == k).mean()
+            for k in range(bins) if (which == k).any()]
+    return {"ece": float(sum(gaps)), "brier": float(np.mean((probabilities - labels) ** 2))}
+
+
+def reliability_curve(probabilities, labels, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean predicted probability, observed frequency, pairs) per non-empty bin: the points of a reliability plot."""
+    probabilities, labels = np.clip(np.asarray(probabilities, dtype=np.float64), 0, 1), np.asarray(labels)
+    which = np.minimum((probabilities * bins).astype(int), bins - 1)
+    kept = [k for k in range(bins) if (which == k).any()]
+    return (np.array([probabilities[which == k].mean() for k in kept]), np.array([labels[which == k].mean() for k in kept]),
+            np.array([(which == k).sum() for k in kept]))

@@ -101,6 +101,9 @@ class MoEBertLayer(GradientCheckpointingLayer):
 
     def forward(self, hidden_states, attention_mask=None, routing: ExpertRouting = None, **kwargs):
         attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        return self.feed_forward(attention_output, routing)
+
+    def feed_forward(self, attention_output, routing: ExpertRouting) -> torch.Tensor:
         expert_output = routing.dispatch(attention_output, self.experts)
         return self.LayerNorm(self.dropout(expert_output) + attention_output)
 
@@ -108,6 +111,7 @@ class MoEBertLayer(GradientCheckpointingLayer):
 class MoEBertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
+        self.first_moe_layer = min(config.moe_layers)
         self.layer = nn.ModuleList(
             MoEBertLayer(config, layer_idx=i) if i in config.moe_layers else BertLayer(config, layer_idx=i)
             for i in range(config.num_hidden_layers)
@@ -116,13 +120,29 @@ class MoEBertEncoder(nn.Module):
     def forward(self, hidden_states, attention_mask, routing, output_hidden_states=False, **kwargs):
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layer:
-            if isinstance(layer, MoEBertLayer):
-                hidden_states = layer(hidden_states, attention_mask, routing=routing, **kwargs)
-            else:
-                hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            hidden_states = self._run(layer, hidden_states, attention_mask, routing, **kwargs)
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
         return hidden_states, all_hidden_states
+
+    def stem(self, hidden_states, attention_mask, **kwargs) -> torch.Tensor:
+        """The layers below the first MoE layer and that layer's attention: shared weights only, no routing."""
+        for layer in self.layer[: self.first_moe_layer]:
+            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return self.layer[self.first_moe_layer].attention(hidden_states, attention_mask, **kwargs)[0]
+
+    def from_stem(self, stem_states, attention_mask, routing, **kwargs) -> torch.Tensor:
+        """The rest of `forward` after `stem`: the first MoE layer's experts and every layer above."""
+        hidden_states = self.layer[self.first_moe_layer].feed_forward(stem_states, routing)
+        for layer in self.layer[self.first_moe_layer + 1 :]:
+            hidden_states = self._run(layer, hidden_states, attention_mask, routing, **kwargs)
+        return hidden_states
+
+    @staticmethod
+    def _run(layer, hidden_states, attention_mask, routing, **kwargs):
+        if isinstance(layer, MoEBertLayer):
+            return layer(hidden_states, attention_mask, routing=routing, **kwargs)
+        return layer(hidden_states, attention_mask, **kwargs)
 
 
 class MoEBertPreTrainedModel(BertPreTrainedModel):
@@ -159,6 +179,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         domain_ids: torch.Tensor | None = None,
+        stem_states: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
@@ -168,33 +189,45 @@ class MoEBertModel(MoEBertPreTrainedModel):
             The domain (index into `config.domains`) of each sequence, or in token routing mode also of each token.
             Sentence routing without it reads the domain token right after `[CLS]`. Token routing without it reads
             `token_type_ids` as the domain of each token (BERT's segment embedding then sees segment 0).
+        stem_states (`torch.FloatTensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*):
+            What [`~MoEBertModel.stem_states`] returned for these sequences: the forward pass starts at the first
+            MoE layer's experts (give `domain_ids` and `attention_mask`; `input_ids` are then not needed).
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if stem_states is None and (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds (or stem_states).")
         kwargs.pop("output_attentions", None)  # attention weights are not collected by this model
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+        if stem_states is not None and output_hidden_states:
+            raise ValueError("output_hidden_states needs the layers below the stem: pass input_ids, not stem_states.")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:-1]
+        shape = next(t for t in (input_ids, stem_states, inputs_embeds) if t is not None).shape[:2]
 
         routing, sorted_by_domain = self.route(input_ids, token_type_ids, domain_ids, shape)
         if self.config.routing_mode == "token" and domain_ids is None:
             token_type_ids = None  # they carried the routing; the embeddings keep the segment-0 vectors
         if sorted_by_domain is not None:  # several domains: the batch is sorted by domain once, for every layer
-            input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids = (
-                _rows(t, sorted_by_domain) for t in (input_ids, inputs_embeds, attention_mask, token_type_ids, position_ids)
+            input_ids, inputs_embeds, stem_states, attention_mask, token_type_ids, position_ids = (
+                _rows(t, sorted_by_domain)
+                for t in (input_ids, inputs_embeds, stem_states, attention_mask, token_type_ids, position_ids)
             )
 
-        embedding_output = self.embeddings(
-            input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
-        )
-        extended_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
-        sequence_output, all_hidden_states = self.encoder(
-            embedding_output, extended_mask, routing, output_hidden_states=output_hidden_states, **kwargs
-        )
+        if stem_states is None:
+            embedding_output = self.embeddings(
+                input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
+            )
+            extended_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+            )
+            sequence_output, all_hidden_states = self.encoder(
+                embedding_output, extended_mask, routing, output_hidden_states=output_hidden_states, **kwargs
+            )
+        else:
+            extended_mask = create_bidirectional_mask(
+                config=self.config, inputs_embeds=stem_states, attention_mask=attention_mask
+            )
+            sequence_output, all_hidden_states = self.encoder.from_stem(stem_states, extended_mask, routing, **kwargs), None
         pooled_output = self.pool(sequence_output, attention_mask)
         if sorted_by_domain is not None:  # back to the caller's order
             restore = torch.argsort(sorted_by_domain)
@@ -205,6 +238,25 @@ class MoEBertModel(MoEBertPreTrainedModel):
         return BaseModelOutputWithPooling(
             last_hidden_state=sequence_output, pooler_output=pooled_output, hidden_states=all_hidden_states
         )
+
+    def stem_states(self, input_ids=None, attention_mask=None, token_type_ids=None, inputs_embeds=None) -> torch.Tensor:
+        """The states at the input of the first MoE layer's experts: the embeddings, the dense layers below it
+        and its attention. They depend on the shared weights and the tokens (the domain token included) alone, so
+        while those stay frozen they can be computed once per text and passed to `forward(stem_states=...)`,
+        which then computes exactly what a forward pass from `input_ids` computes (in eval mode: dropout inside
+        the stem is not drawn again)."""
+        embedding_output = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
+        extended_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
+        )
+        return self.encoder.stem(embedding_output, extended_mask)
+
+    def stem_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The named parameters and buffers `stem_states` reads: what a stored stem state depends on."""
+        first = self.encoder.first_moe_layer
+        modules = [("embeddings", self.embeddings)] + [(f"encoder.layer.{i}", self.encoder.layer[i]) for i in range(first)]
+        modules.append((f"encoder.layer.{first}.attention", self.encoder.layer[first].attention))
+        return [(f"{prefix}.{name}", tensor) for prefix, module in modules for name, tensor in module.state_dict().items()]
 
     def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if self.config.pooling == "cls":
@@ -305,6 +357,22 @@ class MoEBertModel(MoEBertPreTrainedModel):
         if isinstance(domains, str):
             domains = [domains] * len(texts)
         return [f"{self.domain_token(d)} {t}" for t, d in zip(texts, domains, strict=True)]
+
+    def cocitation_probability(self, cosine, domain: str) -> torch.Tensor:
+        """The probability that two texts of `domain` whose embeddings have this cosine similarity are co-cited, by
+        the domain's calibration (fitted on `valid` pairs, co-cited and random in equal numbers): one threshold, e.g.
+        0.5, then means the same in every domain, where cosines do not."""
+        self.config.domain_index(domain)  # an unknown domain: ValueError naming the known ones
+        parameters = (self.config.calibration or {}).get("parameters", {})
+        if domain not in parameters:
+            raise ValueError(
+                f"no calibration for domain {domain!r}: " + (
+                    "this model was not calibrated, its similarities are cosines, not probabilities"
+                    if not parameters else "its expert changed after the calibration was fitted"
+                ) + "; fit one with `python eval.py calibrate --model PATH`."
+            )
+        a, b = parameters[domain]
+        return torch.sigmoid(a * torch.as_tensor(cosine, dtype=torch.float32) + b)
 
     # -------------------------------------------------------------------------------- dense <-> MoE weights
 
@@ -491,6 +559,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
             self.add_domain(domain, tokenizer, init_from=self.config.domains[0], token=metadata["domain_token"])
         index = self.config.domain_index(domain)
         self.load_expert_state(self.config.expert_of_domain(index), dense_state)
+        (self.config.calibration or {}).get("parameters", {}).pop(domain, None)  # fitted for the expert replaced
         if "domain_token_embedding" in tensors and self.config.domain_token_ids is not None:
             with torch.no_grad():
                 self.get_input_embeddings().weight[self.config.domain_token_ids[index]] = tensors["domain_token_embedding"]

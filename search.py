@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from data.cocitation import read_table
 from data.loading import SAMPLE_DIR
-from defaults import default_base_model
-from eval import TransformerEncoder, _normalise, autocast, default_device
+from defaults import default_base_model, public_name
+from encoders import TransformerEncoder, autocast, default_device, normalise
 
 DEFAULT_INDEX_DIR = Path("search_index")
 DEFAULT_TRAINED = Path("outputs/moebert")  # what `python train.py` writes
@@ -116,7 +116,7 @@ def load_encoder(spec: str | None, max_seq_length: int, batch_size: int, device:
     try:
         encoder = TransformerEncoder.from_pretrained(spec, max_seq_length, batch_size, device)
     except (OSError, ValueError) as error:
-        raise SearchError(f"--model {spec!r} cannot be loaded: {error}") from None
+        raise SearchError(f"--model {spec!r} cannot be loaded: {str(error).splitlines()[0]}") from None
     if not encoder.is_moebert:
         raise SearchError(f"--model {spec!r} is no MoE-BERT: search routes each paper to its domain's expert.")
     commit = getattr(encoder.model.config, "_commit_hash", None)
@@ -152,7 +152,7 @@ def embed(encoder, texts: list[str], domains: list[str]) -> np.ndarray:
             vectors = np.zeros((len(texts), encoded.shape[1]), dtype=np.float32)
         position = {text: j for j, text in enumerate(unique)}
         vectors[rows] = encoded[[position[texts[i]] for i in rows]]
-    return _normalise(vectors)
+    return normalise(vectors)
 
 
 # ------------------------------------------------------------------------------------------------ domain classifier
@@ -169,21 +169,21 @@ class DomainClassifier:
     def fit(cls, texts: list[str], domains: list[str]) -> "DomainClassifier":
         from sklearn.linear_model import LogisticRegression
 
-        vectorizer = _vectorizer()
+        vectorizer = domain_vectorizer()
         features = vectorizer.fit_transform(texts)
         if len(set(domains)) == 1:  # nothing to tell apart
             coef, intercept = np.zeros((1, features.shape[1])), np.zeros(1)
         else:
             regression = LogisticRegression(max_iter=1000, C=10.0).fit(features, domains)
             coef, intercept = regression.coef_, regression.intercept_
-            if len(regression.classes_) == 2:  # sklearn keeps one row for two classes
-                coef, intercept = np.vstack([-coef, coef]), np.concatenate([-intercept, intercept])
+            if len(regression.classes_) == 2:  # sklearn keeps one row z for two classes: p = sigmoid(z) = softmax(0, z)
+                coef, intercept = np.vstack([np.zeros_like(coef), coef]), np.concatenate([[0.0], intercept])
         vocabulary = {word: int(i) for word, i in vectorizer.vocabulary_.items()}
         return cls(vocabulary, vectorizer.idf_, coef, intercept, sorted(set(domains)))
 
     def predict(self, texts: list[str]) -> tuple[list[str], np.ndarray]:
         """(domain, probability) per text."""
-        vectorizer = _vectorizer()
+        vectorizer = domain_vectorizer()
         vectorizer.vocabulary_, vectorizer.idf_ = self.vocabulary, self.idf
         scores = vectorizer.transform(texts) @ self.coef.T + self.intercept
         scores = np.exp(scores - scores.max(axis=1, keepdims=True))
@@ -204,7 +204,7 @@ class DomainClassifier:
         return cls(meta["vocabulary"], *arrays, meta["classes"])
 
 
-def _vectorizer():
+def domain_vectorizer():
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(sublinear_tf=True, stop_words="english", min_df=1)
@@ -260,7 +260,9 @@ def build_index(args) -> dict:
 def _manifest_for(out: Path, args, model_name: str, fingerprint: str, encoder) -> dict:
     """The manifest of this index; an existing one must name the same model (and index type)."""
     manifest = {
-        "model": model_name, "fingerprint": fingerprint, "dimension": encoder.model.config.hidden_size,
+        # the manifest may be published: the model by a public name, and where it is relative to the index, if near
+        "model": public_name(model_name), "model_path": nearby_path(model_name, out), "fingerprint": fingerprint,
+        "dimension": encoder.model.config.hidden_size,
         "normalized": True, "metric": "inner_product", "index_type": args.index_type,
         "max_seq_length": args.max_seq_length, "domains": list(encoder.model.config.domains),
         "precision": args.precision,
@@ -276,6 +278,15 @@ def _manifest_for(out: Path, args, model_name: str, fingerprint: str, encoder) -
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # before the first chunk: resumable
     return manifest
+
+
+def nearby_path(model: str, index_dir: Path) -> str | None:
+    """A local model folder's path relative to the index folder, when it lies within two folders up of it (the index
+    and the model moved together keep working); else None: a path that climbs further would tell about this machine."""
+    if not Path(model).is_dir():
+        return None
+    relative = Path(os.path.relpath(Path(model).resolve(), Path(index_dir).resolve()))
+    return relative.as_posix() if relative.parts[:3].count("..") <= 2 else None
 
 
 def _finished_chunks(out: Path) -> list[Path]:
@@ -383,8 +394,17 @@ class PaperIndex:
         if not (folder / FAISS_FILE).exists():
             raise SearchError(f"{folder} holds no search index; build one with `python search.py index --output_dir {folder}`.")
         manifest = json.loads((folder / MANIFEST).read_text())
-        encoder, name, fingerprint = load_encoder(model or manifest["model"], manifest["max_seq_length"], 32,
-                                                  device or default_device())
+        nearby = manifest.get("model_path") and folder / manifest["model_path"]
+        try:
+            encoder, name, fingerprint = load_encoder(
+                model or (str(nearby) if nearby and nearby.is_dir() else manifest["model"]), manifest["max_seq_length"],
+                32, device or default_device(),
+            )
+        except SearchError:
+            if model:
+                raise
+            raise SearchError(f"{folder} was built with the model {manifest['model']!r}, which is not here: pass "
+                              "--model with the path of its folder.") from None
         if fingerprint != manifest["fingerprint"]:
             raise SearchError(f"{folder} was built with the model {manifest['model']}, not {name} (its weights "
                               f"differ): query with --model {manifest['model']} or rebuild the index.")
@@ -399,6 +419,9 @@ class PaperIndex:
 
     def search(self, texts: list[str], domain: str | None = None, top_k: int = 10) -> list[dict]:
         """Per query text: {"domain", "domain_probability" (None when given), "hits": [{"id", "domain", "score"}]}."""
+        blank = [i for i, text in enumerate(texts) if not text.strip()]
+        if blank:  # it would embed to the domain token alone and rank papers by nothing the user asked
+            raise SearchError(f"queries {blank[:5]} are empty: give each query some text.")
         if domain is not None and domain not in self.manifest["domains"]:
             raise SearchError(f"unknown domain {domain!r}: this index's model knows {self.manifest['domains']}.")
         if domain is None:
@@ -414,11 +437,21 @@ class PaperIndex:
         results = []
         for query_domain, probability, row_scores, row_ids in zip(domains, probabilities, scores, rows):
             hits = [
-                {"id": self.papers["id"][r], "domain": self.papers["domain"][r], "score": float(s)}
+                {"id": self.papers["id"][r], "domain": self.papers["domain"][r], "score": float(s),
+                 "probability": self.cocitation_probability(float(s), query_domain, self.papers["domain"][r])}
                 for s, r in zip(row_scores, row_ids) if r >= 0
             ]
             results.append({"domain": query_domain, "domain_probability": probability and float(probability), "hits": hits})
         return results
+
+
+    def cocitation_probability(self, cosine: float, query_domain: str, paper_domain: str) -> float | None:
+        """The model's calibrated probability that the query and a paper of its own domain are co-cited; None for a
+        model without calibration for that domain, or a paper of another domain (calibrated on same-domain pairs)."""
+        calibrated = (self.encoder.model.config.calibration or {}).get("parameters", {})
+        if paper_domain != query_domain or query_domain not in calibrated:
+            return None
+        return float(self.encoder.model.cocitation_probability(cosine, query_domain))
 
 
 class StoredVectors:
@@ -469,7 +502,8 @@ def print_results(texts: list[str], results: list[dict], as_json: bool):
         how = "given" if result["domain_probability"] is None else f"predicted, p={result['domain_probability']:.2f}"
         print(f"query: {text[:100]}{'...' if len(text) > 100 else ''}\ndomain: {result['domain']} ({how})")
         for rank, hit in enumerate(result["hits"], 1):
-            print(f"  {rank:>3}. {hit['score']:.4f}  {hit['id']}  {hit['domain']}")
+            chance = "" if hit["probability"] is None else f"  P(co-cited) {hit['probability']:.2f}"
+            print(f"  {rank:>3}. {hit['score']:.4f}{chance}  {hit['id']}  {hit['domain']}")
 
 
 # ------------------------------------------------------------------------------------------------ command line

@@ -3,6 +3,7 @@ their batches, atomic model folders and checkpoints with their model card, uploa
 record. `train.py` is the loop.
 """
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -188,8 +189,8 @@ class DomainBatchSampler(torch.utils.data.Sampler):
                 yield part.tolist()
 
 
-def train_dataloader(train_pairs, model, tokenizer, args, num_processes: int) -> DataLoader:
-    collate = make_collate(model, tokenizer, args.max_seq_length)
+def train_dataloader(train_pairs, model, tokenizer, args, num_processes: int, stems=None) -> DataLoader:
+    collate = make_collate(model, tokenizer, args.max_seq_length, stems)
     # its own generator: starting an epoch must not draw from the global RNG, which drives dropout, or a resumed
     # run (whose iterator starts after the RNG state is restored) would see other dropout masks
     generator = torch.Generator().manual_seed(args.seed)
@@ -206,11 +207,15 @@ def train_dataloader(train_pairs, model, tokenizer, args, num_processes: int) ->
     )
 
 
-def make_collate(model, tokenizer, max_seq_length: int):
+def make_collate(model, tokenizer, max_seq_length: int, stems=None):
+    """Batches of pairs: each side tokenized with its domain token, or, with `stems` (StemStates), the stored stem
+    states of its (domain, text) rows."""
     tokens = model.config.domain_tokens
 
     def collate(rows):
         def encode(texts, domain_ids):
+            if stems is not None:
+                return stems.batch(list(zip(domain_ids, texts)))
             texts = [f"{tokens[d]} {t}" for t, d in zip(texts, domain_ids)]
             return tokenizer(texts, padding=True, truncation=True, max_length=max_seq_length, return_tensors="pt")
 
@@ -235,40 +240,74 @@ def make_collate(model, tokenizer, max_seq_length: int):
 # ------------------------------------------------------------------------------------------------ saving
 
 
-def save_model(model, tokenizer, folder: Path, card: dict):
+MODEL_FILES = ".model-files.json"  # which entries of a folder are the model saved there; the rest is kept
+
+
+def save_model(model, tokenizer, folder: Path, card: dict) -> list[str]:
     """Write a folder loadable with AutoModel.from_pretrained(folder, trust_remote_code=True), plus
-    `experts/<DOMAIN>.safetensors` per domain (for `model.load_expert`). Everything is
-    written beside it first and then moved in file by file, so an interrupted save never leaves a half file, and
-    other contents of the folder (checkpoints) stay."""
+    `experts/<DOMAIN>.safetensors` per domain (for `model.load_expert`). The model is written in full beside the
+    folder, then swapped in as a whole (`install_model`); returns the model's files."""
+    recover_folder(folder)  # before the temporary folder is reused
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if model.config.num_experts > 1:  # each domain's experts alone, to download only the domains one needs
-        for domain in model.config.domains:
-            model.save_expert(domain, tmp / "experts" / f"{domain}.safetensors")
-    (tmp / "training_state.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
-    (tmp / "README.md").write_text(model_card(card, model.config))
-    return move_files_into(tmp, folder)
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if model.config.num_experts > 1:  # each domain's experts alone, to download only the domains one needs
+            for domain in model.config.domains:
+                model.save_expert(domain, tmp / "experts" / f"{domain}.safetensors")
+        (tmp / "training_state.json").write_text(json.dumps(card, indent=2, default=str) + "\n")
+        (tmp / "README.md").write_text(model_card(card, model.config))
+    except OSError:  # a full disk: give back what the half-written copy took
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return install_model(tmp, folder)
 
 
-def copy_model(source: Path, folder: Path):
-    """Copy a saved model folder over `folder`, with the same file-by-file atomicity as save_model."""
+def copy_model(source: Path, folder: Path) -> list[str]:
+    """Make a saved model folder the model of `folder`, swapped in as a whole like save_model."""
+    recover_folder(folder)
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    return move_files_into(tmp, folder)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(MODEL_FILES))
+    return install_model(tmp, folder)
 
 
-def move_files_into(tmp: Path, folder: Path) -> list[str]:
-    """Move every file of `tmp` to the same place under `folder`; returns their relative paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    moved = [entry.relative_to(tmp) for entry in sorted(tmp.rglob("*")) if entry.is_file()]
-    for name in moved:
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp / name, folder / name)
-    shutil.rmtree(tmp)
-    return [str(name) for name in moved]
+def install_model(tmp: Path, folder: Path) -> list[str]:
+    """Make the complete model in `tmp` the model in `folder`, in one swap of folders. What else `folder` holds
+    (checkpoints, best_model/, stored stem states, uploads under way) is hard-linked into `tmp` first; the files of
+    the model it held before are not. A kill at any point leaves `folder` holding the old model or the new one,
+    never a mix (see replace_folder). Returns the model's files, relative to `folder`."""
+    files = [str(p.relative_to(tmp)) for p in sorted(tmp.rglob("*")) if p.is_file()]
+    model_entries = {Path(f).parts[0] for f in files} | {MODEL_FILES}
+    if (folder / MODEL_FILES).is_file():
+        model_entries |= {Path(f).parts[0] for f in json.loads((folder / MODEL_FILES).read_text())}
+    if folder.is_dir():
+        for entry in folder.iterdir():
+            if entry.name not in model_entries and not entry.name.startswith((".tmp-", ".old-")):
+                link_tree(entry, tmp / entry.name)
+    (tmp / MODEL_FILES).write_text(json.dumps(files) + "\n")
+    replace_folder(tmp, folder)
+    return files
+
+
+def link_tree(source: Path, target: Path):
+    """Hard links to every file under `source` (a copy where links cannot be made); files deleted meanwhile (an
+    upload snapshot removed when sent) are skipped."""
+    entries = [source] if not source.is_dir() or source.is_symlink() else sorted(source.rglob("*"))
+    for entry in entries:
+        destination = target / entry.relative_to(source) if entry != source else target
+        try:
+            if entry.is_symlink():
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                os.symlink(os.readlink(entry), destination)
+            elif entry.is_dir():
+                destination.mkdir(parents=True, exist_ok=True)
+            else:
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                link_or_copy(entry, destination)
+        except FileNotFoundError:
+            continue
 
 
 CARD_TEMPLATE = """
@@ -301,10 +340,11 @@ with torch.no_grad():
 ```
 
 One domain's experts alone: `experts/<DOMAIN>.safetensors`, loaded with `model.load_expert(path, tokenizer=tokenizer)`.
-
+{calibration}
 ## Training
 
 {step} steps on: {datasets}. Validation (step {metrics_step}), {validation}.
+{selection}
 
 <details><summary>Training arguments</summary>
 
@@ -344,10 +384,25 @@ def model_card(card: dict, config) -> str:
         f"{label}: " + ", ".join(f"{k} {metrics[key][k]:.4f}" for k in BASE_METRICS if k in metrics.get(key, {}))
         for key, label in (("mean", "mean over domains"), ("all", "pooled"))
     )
+    selection = ""
+    if card.get("expert_selection"):
+        chosen = card["expert_selection"]
+        kept = ", ".join(f"{d}: step {b['step']} ({b['value']:.4f})" for d, b in chosen["kept"].items())
+        selection = (
+            f"\nEach domain keeps its expert from the evaluation that scored best on its own valid pairs (valid "
+            f"{chosen['metric']} in brackets; step 0 is the base's untrained feed-forward block): {kept}.\n"
+        )
+    calibration = ""
+    if (getattr(config, "calibration", None) or {}).get("parameters"):
+        calibration = (
+            "\nCo-citation probabilities: `model.cocitation_probability(cosine, \"DOMAIN\")` maps a cosine to the "
+            "probability that the two texts are co-cited, per domain (Platt scaling fitted on the valid pairs, co-cited "
+            "and random in equal numbers), so one threshold means the same in every domain.\n"
+        )
     text = CARD_TEMPLATE.format(
         model_name=name, base=f"[{base}](https://huggingface.co/{base})" if is_hub_id(base or "") else f"`{base}`", repo=card["args"].get("hub_model_id") or name, domains=", ".join(card["domains"]),
         domain=card["domains"][0], step=card["step"], datasets=card["datasets"], metrics_step=metrics.get("step", card["step"]),
-        validation=validation, args=json.dumps(card["args"], indent=2, default=str),
+        validation=validation, selection=selection, calibration=calibration, args=json.dumps(card["args"], indent=2, default=str),
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))
 
@@ -389,14 +444,26 @@ def resumed_step(path: Path) -> int:
 
 
 def replace_folder(new: Path, final: Path):
-    """Move `new` to `final`, replacing a folder already there (a rerun into the same output dir): the old one is
-    renamed aside first, so at every moment `final` is either the complete old or the complete new folder."""
+    """Move the complete folder `new` to `final`, replacing a folder already there: the old one is renamed aside
+    (`.old-NAME`), the new one renamed in, the old one deleted. A kill between the two renames leaves no `final` but
+    both complete folders, and `recover_folder` (run before every save and when train.py starts) puts the new one
+    in place: `final` is only ever the complete old or the complete new folder."""
+    recover_folder(final)
     old = final.with_name(f".old-{final.name}")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
     os.replace(new, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: Path) -> bool:
+    """Finish a folder swap that a kill cut between its two renames; returns whether there was one to finish."""
+    old, new = final.with_name(f".old-{final.name}"), final.with_name(f".tmp-{final.name}")
+    if final.exists() or not old.exists():
+        return False
+    os.replace(new if new.exists() else old, final)  # `new` was complete before `old` was moved aside
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ Hub
@@ -439,21 +506,36 @@ class HubPusher:
             shutil.rmtree(previous[1], ignore_errors=True)
         self.uploads[path_in_repo] = (self.api.run_as_future(self._upload, snapshot, path_in_repo, message, folder), snapshot)
 
-    def close(self) -> list[str]:
-        """Wait for the uploads; returns the failures (already reported)."""
-        for future, _ in self.uploads.values():
-            future.result()  # the newest per folder; those before it ran first (one worker, in order)
-        return self.failed
+    def close(self, timeout: float | None = None) -> tuple[list[str], int]:
+        """Wait for the uploads (at most `timeout` seconds in all); returns the failures (already reported) and the
+        number of pushes still under way."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pending = 0
+        for future, _ in self.uploads.values():  # the newest per folder; those before it ran first (one worker)
+            try:
+                future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            except concurrent.futures.TimeoutError:
+                pending += 1
+        return self.failed, pending
 
-    def finish(self):
-        """Wait for the queued uploads and say how it went: "pushed" only when every push arrived."""
+    def finish(self, completed: bool = True, timeout: float | None = None):
+        """Wait for the queued uploads and say how it went: "pushed" only when training completed and every push
+        arrived."""
         print(f"waiting for the uploads to the Hub repo {self.repo_id} ...", flush=True)
-        failed = self.close()
+        failed, pending = self.close(timeout)
         if failed:
             print(f"{len(failed)} pushes to {self.repo_id} did not arrive (warnings above): "
                   f"{', '.join(repr(m) for m in failed)}", file=sys.stderr, flush=True)
-        else:
+        if pending:
+            print(f"{pending} uploads to {self.repo_id} were still under way after {timeout:.0f} s and are abandoned; "
+                  "the local files are intact", file=sys.stderr, flush=True)
+        if failed or pending:
+            return
+        if completed:
             print(f"pushed to {self.api.endpoint}/{self.repo_id}")
+        else:
+            print(f"the uploads queued before training stopped arrived at {self.api.endpoint}/{self.repo_id}; the final "
+                  "model was not pushed", flush=True)
 
     def _upload(self, snapshot: Path, path_in_repo: str, message: str, local: Path):
         try:
@@ -543,3 +625,37 @@ class BestModel:
 
     def load_state_dict(self, state: dict):
         self.value, self.step, self.stale = state["value"], state["step"], state["stale"]
+
+
+class BestExperts:
+    """Per-domain selection: each domain's expert as it was at the evaluation that scored best on that domain's own
+    valid metric, the untrained start included. When training changes the experts alone, a domain's valid score
+    depends on its own expert only, so the model assembled from these snapshots scores each domain's best."""
+
+    def __init__(self, metric: str):
+        self.metric = metric.removeprefix("pooled_")  # a pooled metric has no per-domain value: its per-domain form
+        self.best = {}  # domain -> {"value", "step"}
+        self.experts = {}  # domain -> that expert's tensors (dense BERT names), on the CPU
+
+    def update(self, model, results: dict, step: int) -> list[str]:
+        """Snapshot the experts of the domains that just scored their best; returns those domains."""
+        improved = []
+        for index, domain in enumerate(model.config.domains):
+            value = results.get(domain, {}).get(self.metric)
+            if value is not None and value > self.best.get(domain, {}).get("value", -math.inf):
+                self.best[domain] = {"value": value, "step": step}
+                expert = model.expert_state(model.config.expert_of_domain(index))
+                self.experts[domain] = {k: v.detach().to("cpu", copy=True) for k, v in expert.items()}
+                improved.append(domain)
+        return improved
+
+    def assemble(self, model):
+        """Load every domain's best expert into `model`."""
+        for domain, expert in self.experts.items():
+            model.load_expert_state(model.config.expert_of_domain(model.config.domain_index(domain)), expert)
+
+    def state_dict(self) -> dict:
+        return {"metric": self.metric, "best": self.best, "experts": self.experts}
+
+    def load_state_dict(self, state: dict):
+        self.best, self.experts = state["best"], state["experts"]

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from defaults import default_base_model  # noqa: E402
-from eval import bf16_is_native  # noqa: E402
+from encoders import bf16_is_native  # noqa: E402
 from search import EMBEDDED_MODEL, embed, load_encoder, shipped_papers  # noqa: E402
 
 

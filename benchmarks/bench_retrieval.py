@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.loading import load_domain_datasets, sample_specs  # noqa: E402
 from defaults import default_base_model  # noqa: E402
-from eval import DEFAULT_TRAINED, autocast, default_device, load_encoder, ranking_metrics  # noqa: E402
+from encoders import autocast, default_device, load_encoder  # noqa: E402
+from eval import DEFAULT_TRAINED, ranking_metrics  # noqa: E402
 from search import DomainClassifier, embed  # noqa: E402
 
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100)
@@ -87,7 +88,7 @@ def main():
 
     results = {}
     for label, spec in specs.items():
-        encoder = load_encoder(spec, args)
+        encoder = load_encoder(spec, args.max_seq_length, args.batch_size, args.device)
         encoder.fit(train_texts)
         with autocast(args.device, args.precision):
             collection = embed(encoder, texts, domains)

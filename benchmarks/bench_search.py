@@ -26,7 +26,7 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.build import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer  # noqa: E402
-from eval import autocast  # noqa: E402
+from encoders import autocast  # noqa: E402
 from search import EMBEDDED_MODEL, StoredVectors, embed, ivfpq_index, load_encoder, shipped_papers  # noqa: E402
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")

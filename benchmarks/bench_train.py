@@ -1,17 +1,24 @@
-"""Training throughput (pairs/s) of MoE-BERT against the dense model, on the same pairs, through train.py's code.
+"""Training step cost (pairs/s) of train.py's settings, on the same batches, through train.py's own code.
 
     python benchmarks/bench_train.py [--model_name_or_path PATH] [--per_device_train_batch_size 16]
-                                     [--max_seq_length 128] [--steps 6] [--mixed_precision bf16]
+                                     [--max_seq_length 256] [--steps 6] [--mixed_precision bf16|no]
 
-Both models are upcycled from the same checkpoint with train.py's `load_model`: "dense" has one shared expert
-(the same compute graph as the base BERT), "moe" one expert per domain of the embedded sample. Each runs the real
-training step of train.py (two forward passes, masked MNR loss, backward, clipping, AdamW) on the same mixed-domain
-batches of the embedded sample; the timed steps alternate between the two models, after one warm-up step each.
+Each row is a model built by train.py's `load_model` with the flags shown, running the real training step (masked
+MNR loss over pairs and one hard negative each, backward, clipping, AdamW) on the same same-domain batches of the
+embedded sample; the timed steps alternate between the rows, after one warm-up step each. Rows:
+
+- dense: one shared expert in every layer, the compute graph of the base BERT (the MoE's routing cost shows
+  against it);
+- the former default step: experts in all layers, attention dropout 0.1 (CPU attention leaves its fused kernel);
+- attention dropout 0; then experts in the top two layers only (the frozen layers below need no backward);
+- the default: experts in the top two layers, the frozen stem (everything below the first expert) read from
+  stored states, computed once per text: its one-off cost per text is printed beside.
 """
 
 import argparse
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,38 +30,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 import training  # noqa: E402
 from data.loading import load_domain_datasets, parse_dataset_specs  # noqa: E402
+from stem_cache import StemStates  # noqa: E402
+
+PLAIN = ["--no-reuse_stem_states"]
+ROWS = {
+    "dense (one shared expert), all layers": ["--shared_expert", "--moe_layers", "all", "--attention_dropout", "0.1"] + PLAIN,
+    "MoE, all layers, attention dropout 0.1 (former default)": ["--moe_layers", "all", "--attention_dropout", "0.1"] + PLAIN,
+    "MoE, all layers, attention dropout 0": ["--moe_layers", "all"] + PLAIN,
+    "MoE, top two layers": PLAIN,
+    "MoE, top two layers, stored stem states (default)": [],
+}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model_name_or_path", default=None)
     parser.add_argument("--per_device_train_batch_size", type=int, default=16)
-    parser.add_argument("--max_seq_length", type=int, default=128)
+    parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--mixed_precision", default="no", choices=["no", "fp16", "bf16"])
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: train.py's")
     options = parser.parse_args()
 
-    accelerator = Accelerator(mixed_precision=options.mixed_precision)
     specs = parse_dataset_specs(None)
-    pairs, known = training.training_pairs(load_domain_datasets(specs), list(specs))
-    runs = {}
-    for name, flags in (("dense", ["--shared_expert"]), ("moe", [])):
-        args = train.parse_args(
-            ["--per_device_train_batch_size", str(options.per_device_train_batch_size),
-             "--max_seq_length", str(options.max_seq_length)] + flags
-            + (["--model_name_or_path", options.model_name_or_path] if options.model_name_or_path else [])
-        )
+    datasets = load_domain_datasets(specs)
+    pairs, known = training.training_pairs(datasets, list(specs), hard_negatives=1)
+    common = ["--recipe", "quick", "--per_device_train_batch_size", str(options.per_device_train_batch_size),
+              "--max_seq_length", str(options.max_seq_length)]
+    common += ["--mixed_precision", options.mixed_precision] if options.mixed_precision else []
+    common += ["--model_name_or_path", options.model_name_or_path] if options.model_name_or_path else []
+    accelerator = None
+    runs, stem_seconds = {}, None
+    for name, flags in ROWS.items():
+        args = train.parse_args(common + flags)
+        accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision)
         model, tokenizer = train.load_model(args, list(specs))
-        batches = list(zip(range(options.steps + 1), training.train_dataloader(pairs, model, tokenizer, args, 1)))
+        train.set_attention_dropout(model, args.attention_dropout)
+        sampler = training.DomainBatchSampler(pairs["domain_id"], args.per_device_train_batch_size, 1, args.seed)
+        rows = [[pairs[i] for i in batch] for _, batch in zip(range(options.steps + 1), sampler)]
+        stems = None
+        if args.reuse_stem_states:
+            inputs = sorted({(r["domain_id"], t) for batch in rows for r in batch for t in [r["a"], r["b"], *r["hard"]]})
+            started = time.perf_counter()
+            stems = StemStates.open_or_build(model, tokenizer, inputs, args.max_seq_length, Path(tempfile.mkdtemp()),
+                                             accelerator.mixed_precision, args.per_device_eval_batch_size)
+            stem_seconds = (time.perf_counter() - started) / len(inputs)
+        collate = training.make_collate(model, tokenizer, args.max_seq_length, stems)
         optimizer = train.make_optimizer(model, args)
         model, optimizer = accelerator.prepare(model, optimizer)
-        runs[name] = (model, optimizer, args, [move(batch, accelerator.device) for _, batch in batches])
+        model.train()
+        runs[name] = (model, optimizer, args, [move(collate(batch), accelerator.device) for batch in rows])
 
     def step(name: str, index: int) -> float:
         model, optimizer, args, batches = runs[name]
-        batch = batches[index]
         start = time.perf_counter()
-        train.backward_step(model, batch, args, accelerator, known)
+        train.backward_step(model, batches[index], args, accelerator, known)
         accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad()
@@ -69,18 +98,21 @@ def main():
         for name in runs:
             times[name].append(step(name, index))
     pairs_per_step = options.per_device_train_batch_size
-    print(f"device {accelerator.device}, mixed precision {options.mixed_precision}, batch {pairs_per_step} pairs, "
-          f"max_seq_length {options.max_seq_length}, {options.steps} timed steps each (median)")
+    print(f"\ndevice {accelerator.device}, mixed precision {accelerator.mixed_precision}, {pairs_per_step} pairs + 1 hard "
+          f"negative each per step, max_seq_length {options.max_seq_length}, {options.steps} timed steps each (median)\n")
+    print("| step | s/step | pairs/s | vs former default |\n|---|---|---|---|")
+    former = statistics.median(times[list(ROWS)[1]])
     for name, values in times.items():
-        model = runs[name][0]
-        print(f"{name:>5}: {pairs_per_step / statistics.median(values):7.2f} pairs/s  "
-              f"({statistics.median(values):.3f} s/step, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params)")
-    ratio = statistics.median(times["dense"]) / statistics.median(times["moe"])
-    print(f"MoE / dense throughput: {ratio:.3f}x")
+        seconds = statistics.median(values)
+        print(f"| {name} | {seconds:.3f} | {pairs_per_step / seconds:.2f} | {former / seconds:.2f}x |")
+    dense, moe = (statistics.median(times[name]) for name in list(ROWS)[:2])
+    print(f"\nMoE / dense throughput (all layers): {dense / moe:.3f}x")
+    print(f"stored stem states: computed once, {1000 * stem_seconds:.1f} ms per text")
 
 
 def move(batch: dict, device) -> dict:
-    return {k: v.to(device) for k, v in batch.items()}
+    """Tensors and tokenizer outputs have .to(); stored stem states come as a dict of tensors."""
+    return {k: v.to(device) if hasattr(v, "to") else {n: t.to(device) for n, t in v.items()} for k, v in batch.items()}
 
 
 if __name__ == "__main__":

@@ -197,13 +197,16 @@ def main(argv=None):
         train_negatives=args.train_negatives,
         seed=args.seed,
     )
-    if args.command == "graph":
-        provenance = {"kind": "graph", "papers": as_typed(args.papers), "citations": as_typed(args.citations)}
-        summary = build_and_write(read_table(args.papers), read_table(args.citations), options, args.output_dir, provenance)
-    elif args.command == "pubmed":
-        summary = build_pubmed(args, options)
-    else:
-        summary = build_sample(args.command, args.source, args.output_dir, options)
+    try:
+        if args.command == "graph":
+            provenance = {"kind": "graph", "papers": as_typed(args.papers), "citations": as_typed(args.citations)}
+            summary = build_and_write(read_table(args.papers), read_table(args.citations), options, args.output_dir, provenance)
+        elif args.command == "pubmed":
+            summary = build_pubmed(args, options)
+        else:
+            summary = build_sample(args.command, args.source, args.output_dir, options)
+    except ValueError as error:  # bad input: one line that names it, no stack trace
+        parser.error(str(error))
     if args.push_to_hub:
         push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub, args.hub_private_repo, args.hub_token)
 

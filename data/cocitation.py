@@ -69,11 +69,19 @@ def read_table(path: str | Path) -> pd.DataFrame:
             f"{path}: unsupported table format {''.join(suffixes)!r}; use .csv, .tsv, .jsonl or .parquet "
             "(the text formats may be compressed, e.g. .csv.gz)."
         )
-    if kind == ".parquet":
-        return pd.read_parquet(path)
-    if kind in (".jsonl", ".json"):
-        return pd.read_json(path, lines=kind == ".jsonl", dtype=False)  # compression from the file name
-    return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str)
+    try:
+        if kind == ".parquet":
+            return pd.read_parquet(path)
+        if kind in (".jsonl", ".json"):
+            return pd.read_json(path, lines=kind == ".jsonl", dtype=False)  # compression from the file name
+        return pd.read_csv(path, sep="\t" if kind == ".tsv" else ",", dtype=str)
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start:error.start + 1]!r} at offset {error.start}); "
+            "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8."
+        ) from None
+    except (pd.errors.ParserError, ValueError) as error:
+        raise ValueError(f"{path}: malformed table ({str(error).strip().splitlines()[-1]}); fix or remove that row.") from None
 
 
 def _require_columns(table: pd.DataFrame, columns: tuple, what: str):
@@ -90,7 +98,8 @@ def make_graph(papers: pd.DataFrame, citations: pd.DataFrame) -> CitationGraph:
     empty = papers["text"] == ""
     duplicated = papers["id"].duplicated()
     if duplicated.any():
-        raise ValueError(f"paper ids occur more than once: {papers['id'][duplicated].unique()[:5].tolist()}.")
+        raise ValueError(f"paper ids occur more than once: {papers['id'][duplicated].unique()[:5].tolist()}; keep one row "
+                         "per paper.")
     papers = papers[~empty].reset_index(drop=True)
     # one paper per text: the same abstract under two ids would otherwise land in two splits (a leak)
     same_text = papers["text"].str.split().str.join(" ")

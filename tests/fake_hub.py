@@ -95,3 +95,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.repos[repo]["files"].update(commit["files"])
         oid = f"{len(self.server.commits):040x}"
         self._reply(200, {"commitUrl": f"{self.server.endpoint}/{repo}/commit/{oid}", "commitOid": oid})
+
+
+def push_with_save_pretrained(folder, repo_id: str, work_dir) -> dict:
+    """Load a saved MoE-BERT with AutoModel in a fresh process and `save_pretrained(push_to_hub=True)` it to a FakeHub;
+    returns the repo's files {path: bytes}."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (f"import sys; sys.path.insert(0, {str(root)!r})\n"
+              "from transformers import AutoModel\n"
+              f"model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+              f"model.save_pretrained({str(Path(work_dir) / 'out')!r}, push_to_hub=True, repo_id={repo_id!r}, token='t')\n")
+    with FakeHub() as hub:
+        env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(Path(work_dir) / "hf-home")}
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return hub.repos[repo_id]["files"]

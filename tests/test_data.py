@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT
+from conftest import ROOT, needs_shared
 
 from data.build import SHARED_CITESEER, SHARED_SYNERGY, build_sample
 from data.cocitation import BuildOptions, build_pairs, cocitation_matrix, format_summary, make_graph, read_table, write_pairs
@@ -204,8 +204,8 @@ def test_summary_and_card_record_paths_as_typed_never_absolute(tmp_path, monkeyp
     assert '"papers": "papers.csv"' in summary and '"citations": "citations.csv.gz"' in summary
 
 
-@pytest.mark.skipif(not SHARED_SYNERGY.exists(), reason="../shared/data/synergy is not beside this checkout")
 def test_embedded_default_rebuilds_byte_for_byte(tmp_path):
+    needs_shared(SHARED_SYNERGY)
     summary = build_sample("synergy", SHARED_SYNERGY, tmp_path, BuildOptions())
     committed = ROOT / "data" / "synergy"
     files = sorted(p.relative_to(committed) for p in committed.rglob("*") if p.is_file())
@@ -222,8 +222,8 @@ def test_no_text_of_valid_or_test_occurs_in_train_of_the_embedded_default():
     assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"] and not texts["valid"] & texts["test"]
 
 
-@pytest.mark.skipif(not SHARED_CITESEER.exists(), reason="../shared/data/citeseer is not beside this checkout")
 def test_citeseer_duplicate_abstracts_no_longer_leak(tmp_path):
+    needs_shared(SHARED_CITESEER)
     summary = build_sample("citeseer", SHARED_CITESEER, tmp_path, BuildOptions())
     assert sorted(summary["domains"]) == ["AI", "Agents", "DB", "HCI", "IR", "ML"]
     assert summary["graph"]["duplicate_texts_merged"] >= 2  # DB 40513 / AI 28223, AI 95810 / Agents suryadi99learning
@@ -231,6 +231,14 @@ def test_citeseer_duplicate_abstracts_no_longer_leak(tmp_path):
               for d in summary["domains"]}
     texts = split_texts(tables)
     assert not texts["train"] & texts["test"] and not texts["train"] & texts["valid"]
+
+
+@pytest.mark.parametrize("required", ["", "1"])
+def test_a_missing_shared_input_fails_where_shared_is_required(tmp_path, monkeypatch, required):
+    monkeypatch.setenv("MOEBERT_REQUIRE_SHARED", required)
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception)) as outcome:
+        needs_shared(tmp_path / "no-such-input")
+    assert outcome.type is (pytest.fail.Exception if required else pytest.skip.Exception)
 
 
 # ------------------------------------------------------------------------------------------------ loading

@@ -6,6 +6,7 @@ import pytest
 from conftest import DOMAINS
 from datasets import Dataset, DatasetDict
 
+import encoders
 import eval as evaluation
 from modeling_moebert import MoEBertModel
 
@@ -88,11 +89,16 @@ def test_end_to_end_on_a_tiny_moebert(tiny_bert, tmp_path):
         ]
     )
     assert "unknown domain 'SKIN'" in results["moe"]["SKIN"]["error"]  # the MoE model knows CVD and COPD only
-    assert 0 <= results["moe"]["CVD"]["roc_auc"] <= 1 and "f1_max" in results["tfidf"]["SKIN"]
+    assert "f1_max" in results["tfidf"]["SKIN"]
     assert "cannot load /no/such/model" in results["missing"]["all"]["error"]
     assert json.loads((out / "results.json").read_text())["tfidf"]["all"]["f1_max"] == results["tfidf"]["all"]["f1_max"]
     predictions = pd.read_csv(out / "predictions.csv")
     assert set(predictions.model) == {"moe", "tfidf"} and len(predictions) == 3 * len(PAIRS)
+    from sklearn.metrics import roc_auc_score
+
+    moe_cvd = predictions[(predictions.model == "moe") & (predictions.domain == "CVD")]
+    assert moe_cvd.label.tolist() == PAIRS.label.tolist()  # the MoE scored the domain it knows, pair by pair
+    assert results["moe"]["CVD"]["roc_auc"] == pytest.approx(roc_auc_score(moe_cvd.label, moe_cvd.cosine), abs=1e-6)
     assert "| moe |" in (out / "results.md").read_text()
     for metric in ("roc_auc", "f1_max", "mrr", "f1_at_valid_threshold"):  # the macro average: each domain once
         expected = np.mean([results["tfidf"][d][metric] for d in ("CVD", "SKIN")])
@@ -111,25 +117,23 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
     transformer = models.Transformer(tiny_bert, max_seq_length=32)
     cls_pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
     SentenceTransformer(modules=[transformer, cls_pooling]).save(str(tmp_path / "st"))
-    args = evaluation.argparse.Namespace(max_seq_length=32, batch_size=2, device="cpu")
-    encoder = evaluation.load_encoder(str(tmp_path / "st"), args)
-    assert isinstance(encoder, evaluation.SentenceTransformerEncoder)
+    encoder = encoders.load_encoder(str(tmp_path / "st"), max_seq_length=32, batch_size=2, device="cpu")
+    assert isinstance(encoder, encoders.SentenceTransformerEncoder)
     texts = ["heart failure with preserved ejection fraction", "asthma"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     with torch.no_grad():
         hidden = AutoModel.from_pretrained(tiny_bert)(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
     np.testing.assert_allclose(encoder.encode(texts, "CVD"), hidden[:, 0].numpy(), atol=1e-5)  # CLS, not the mean
-    assert isinstance(evaluation.load_encoder(tiny_bert, args), evaluation.TransformerEncoder)  # no modules.json
+    assert isinstance(encoders.load_encoder(tiny_bert, 32, 2, "cpu"), encoders.TransformerEncoder)  # no modules.json
 
 
 def test_models_run_on_the_accelerator_when_there_is_one(tiny_bert, monkeypatch):
-    monkeypatch.setattr(evaluation.torch.cuda, "is_available", lambda: True)
-    assert evaluation.default_device() == "cuda"
-    monkeypatch.setattr(evaluation.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(evaluation.torch.backends.mps, "is_available", lambda: False)
-    assert evaluation.default_device() == "cpu"
-    args = evaluation.argparse.Namespace(max_seq_length=32, batch_size=2, device="meta")  # any device but the CPU
-    assert evaluation.load_encoder(tiny_bert, args).model.device.type == "meta"
+    monkeypatch.setattr(encoders.torch.cuda, "is_available", lambda: True)
+    assert encoders.default_device() == "cuda"
+    monkeypatch.setattr(encoders.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(encoders.torch.backends.mps, "is_available", lambda: False)
+    assert encoders.default_device() == "cpu"
+    assert encoders.load_encoder(tiny_bert, 32, 2, device="meta").model.device.type == "meta"  # any device but the CPU
 
 
 def write_pair_folders(root, domains, frame):
@@ -158,19 +162,19 @@ def test_bootstrap_gains_are_written_and_printed(tmp_path, capsys):
 
 def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, capsys):
     cpuinfo = tmp_path / "cpuinfo"
-    real_path = evaluation.Path
-    monkeypatch.setattr(evaluation, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    real_path = encoders.Path
+    monkeypatch.setattr(encoders, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not evaluation.bf16_is_native("cpu")
-    with evaluation.autocast("cpu", "auto"):
-        assert not evaluation.torch.is_autocast_enabled("cpu")
+    assert not encoders.bf16_is_native("cpu")
+    with encoders.autocast("cpu", "auto"):
+        assert not encoders.torch.is_autocast_enabled("cpu")
     assert "encoding in fp32: bf16 is not native on cpu" in capsys.readouterr().err
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
-    assert evaluation.bf16_is_native("cpu")
-    with evaluation.autocast("cpu", "auto"):
-        assert evaluation.torch.is_autocast_enabled("cpu") and evaluation.torch.get_autocast_dtype("cpu") == evaluation.torch.bfloat16
-    with evaluation.autocast("cpu", "fp32"):
-        assert not evaluation.torch.is_autocast_enabled("cpu")
+    assert encoders.bf16_is_native("cpu")
+    with encoders.autocast("cpu", "auto"):
+        assert encoders.torch.is_autocast_enabled("cpu") and encoders.torch.get_autocast_dtype("cpu") == encoders.torch.bfloat16
+    with encoders.autocast("cpu", "fp32"):
+        assert not encoders.torch.is_autocast_enabled("cpu")
 
 
 def test_ranking_metrics_by_hand_with_excluded_candidates():
@@ -182,3 +186,54 @@ def test_ranking_metrics_by_hand_with_excluded_candidates():
     assert (metrics["recall_at_1"], metrics["recall_at_2"]) == (pytest.approx(0.25), pytest.approx(0.5))
     excluded = np.where([[True, True, False, False]] * 4, similarity, -np.inf)  # query 0 may not see papers 2, 3
     assert evaluation.ranking_metrics(excluded, {0: {1}})["mrr"] == 1.0
+
+
+def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, capsys):
+    import torch
+
+    import search
+    import train
+
+    model, tokenizer = tiny_moe
+    folder, marker = tmp_path / "moe", tmp_path / "planted-code-ran"
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    planted = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for name in ("modeling_moebert.py", "configuration_moebert.py"):
+        (folder / name).write_text(planted)  # a folder from someone else, with code of their own
+    # evaluation, search and continued training all load it with this project's classes
+    encoder = encoders.load_encoder(str(folder), 32, 2, "cpu")
+    search_encoder, _, _ = search.load_encoder(str(folder), 32, 2, "cpu")
+    continued, _ = train.load_model(train.parse_args(["--model_name_or_path", str(folder)]), ["CVD"])
+    assert not marker.exists()
+    batch = tokenizer(model.prepend_domain_token(["asthma attack"], "COPD"), return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).pooler_output.numpy()
+        torch.testing.assert_close(continued.eval()(**batch).pooler_output, torch.from_numpy(expected))
+    for loaded in (encoder, search_encoder):
+        np.testing.assert_allclose(loaded.encode(["asthma attack"], "COPD"), expected, atol=1e-6)
+
+    # a model that is no MoE-BERT and needs its own code: refused in one line that names the flag
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({"model_type": "planted", "auto_map": {
+        "AutoConfig": "configuration_planted.PlantedConfig", "AutoModel": "modeling_planted.PlantedModel"}}))
+    for name in ("configuration_planted.py", "modeling_planted.py"):
+        (custom / name).write_text(planted)
+    with pytest.raises(encoders.RemoteCodeError, match="pass --trust_remote_code if you trust it"):
+        encoders.load_encoder(str(custom), 32, 2, "cpu")
+    datasets = write_pair_folders(tmp_path / "data", ("CVD",), PAIRS)
+    with pytest.raises(SystemExit):
+        evaluation.main(["--model", f"x={custom}", *datasets, "--output_dir", str(tmp_path / "out")])
+    assert "needs Python code from its own repository" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("capability, device, native", [((7, 0), "cuda", False), ((7, 5), "cuda:1", False),
+                                                         ((8, 0), "cuda", True), ((9, 0), "cuda:1", True)])
+def test_cuda_bf16_is_native_from_ampere_on_the_device_used(monkeypatch, capability, device, native):
+    asked = []
+    monkeypatch.setattr(encoders.torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability)
+    monkeypatch.setattr(encoders.torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation: not asked
+    assert encoders.bf16_is_native(device) is native
+    assert asked == [encoders.torch.device(device)]

@@ -18,6 +18,11 @@ from modeling_moebert import MoEBertLayer, MoEBertModel
 def test_config_resolves_moe_layers():
     assert MoEBertConfig(num_hidden_layers=12, moe_layers="all").moe_layers == list(range(12))
     assert MoEBertConfig(num_hidden_layers=12, moe_layers="middle").moe_layers == [6]
+    assert MoEBertConfig(num_hidden_layers=6, moe_layers="upper").moe_layers == [3, 4, 5]
+    assert MoEBertConfig(num_hidden_layers=12, moe_layers="upper").moe_layers == list(range(6, 12))
+    assert MoEBertConfig(num_hidden_layers=6, moe_layers="top2").moe_layers == [4, 5]
+    with pytest.raises(ValueError, match="moe_layers is empty"):
+        MoEBertConfig(num_hidden_layers=6, moe_layers="top0")
     assert MoEBertConfig(num_hidden_layers=12, moe_layers="11,0,5").moe_layers == [0, 5, 11]
     assert MoEBertConfig(num_hidden_layers=12, moe_layers=[3]).moe_layers == [3]
 
@@ -184,6 +189,30 @@ def test_mixed_domain_batch_equals_each_example_alone(tiny_moe):
         torch.testing.assert_close(batch.pooler_output[i], alone.pooler_output[0], atol=1e-5, rtol=0)
     # and the domains really differ after the perturbation
     assert not torch.allclose(batch.pooler_output[0], model(**_encode(tokenizer, TEXTS[:1], "COPD", model)).pooler_output[0])
+
+
+@pytest.mark.parametrize("moe_layers", ["all", "upper"])
+@torch.no_grad()
+def test_a_forward_from_stem_states_equals_the_full_forward(tiny_bert, moe_layers):
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS, moe_layers=moe_layers)
+    model.eval()
+    _perturb_experts(model)
+    batch = tokenizer(model.prepend_domain_token(TEXTS, DOMAINS[::-1]), padding=True, return_tensors="pt")
+    full = model(**batch)
+    stem = model.stem_states(batch["input_ids"], batch["attention_mask"])
+    assert stem.shape == (*batch["input_ids"].shape, model.config.hidden_size)
+    domain_ids = torch.arange(len(DOMAINS)).flip(0)  # mixed domains, unsorted: the forward sorts stem rows too
+    from_stem = model(stem_states=stem, attention_mask=batch["attention_mask"], domain_ids=domain_ids)
+    torch.testing.assert_close(from_stem.last_hidden_state, full.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(from_stem.pooler_output, full.pooler_output, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="output_hidden_states needs the layers below the stem"):
+        model(stem_states=stem, attention_mask=batch["attention_mask"], domain_ids=domain_ids, output_hidden_states=True)
+    with pytest.raises(ValueError, match="No domain given"):
+        model(stem_states=stem, attention_mask=batch["attention_mask"])
+    stem_names = {name for name, _ in model.stem_parameters()}
+    first = model.config.moe_layers[0]
+    assert f"encoder.layer.{first}.attention.self.query.weight" in stem_names
+    assert not any(".experts." in n or n.startswith(f"encoder.layer.{first + 1}.") for n in stem_names)
 
 
 @torch.no_grad()
@@ -389,19 +418,11 @@ def test_sentence_transformers_gives_the_same_vectors(tiny_moe, tmp_path):
 
 
 def test_save_pretrained_with_push_to_hub_sends_the_sentence_transformers_files(tiny_moe, tmp_path):
-    from fake_hub import FakeHub
+    from fake_hub import push_with_save_pretrained
 
     model, _ = tiny_moe
     model.save_pretrained(tmp_path / "local")
-    script = (f"import sys; sys.path.insert(0, {str(ROOT)!r})\n"
-              "from transformers import AutoModel\n"
-              f"model = AutoModel.from_pretrained({str(tmp_path / 'local')!r}, trust_remote_code=True)\n"
-              f"model.save_pretrained({str(tmp_path / 'out')!r}, push_to_hub=True, repo_id='lab/moebert-st', token='hf_t')\n")
-    with FakeHub() as hub:
-        env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_HOME": str(tmp_path / "hf-home")}
-        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    files = hub.repos["lab/moebert-st"]["files"]
+    files = push_with_save_pretrained(tmp_path / "local", "lab/moebert-st", tmp_path)
     assert {"config_sentence_transformers.json", "modules.json", "sentence_bert_config.json", "1_Pooling/config.json",
             "model.safetensors", "config.json"} <= set(files)
     prompts = json.loads(files["config_sentence_transformers.json"])["prompts"]

@@ -139,6 +139,21 @@ def test_the_domain_classifier_is_stored_without_pickle_and_predicts_held_out_pa
     assert search.held_out_accuracy(papers["text"].tolist(), papers["domain"].tolist()) == 1.0
 
 
+def test_two_domain_probabilities_are_the_regressions_own():
+    from sklearn.linear_model import LogisticRegression
+
+    papers = search.shipped_papers()
+    papers = papers[papers.domain.isin(["Oud_2018", "Chou_2004"])].iloc[::4]
+    texts, domains = papers["text"].tolist(), papers["domain"].tolist()
+    classifier = search.DomainClassifier.fit(texts[20:], domains[20:])
+    vectorizer = search.domain_vectorizer()
+    regression = LogisticRegression(max_iter=1000, C=10.0).fit(vectorizer.fit_transform(texts[20:]), domains[20:])
+    expected = regression.predict_proba(vectorizer.transform(texts[:20]))
+    predicted, probability = classifier.predict(texts[:20])
+    assert predicted == [regression.classes_[i] for i in expected.argmax(axis=1)]
+    np.testing.assert_allclose(probability, expected.max(axis=1), rtol=1e-6)  # sigmoid(z), not sigmoid(2z)
+
+
 def test_the_shipped_collection_is_every_synergy_paper_once():
     papers = search.shipped_papers()
     assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in search.SAMPLE_DIR.iterdir() if p.is_dir()}

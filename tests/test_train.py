@@ -180,30 +180,12 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tm
     assert {p.name for p in tmp_path.iterdir()} == {"rank0.ok", "rank1.ok"}
 
 
-def write_pairs(folder, rows=8):
-    frame = pd.DataFrame(
-        {"a": [TEXTS[i % 5] + f" study {i}" for i in range(rows)],
-         "b": [TEXTS[(i + 1) % 5] + f" follow-up {i}" for i in range(rows)],
-         "label": [1, 0] * (rows // 2)}
-    )
-    folder.mkdir(parents=True)
-    for split in ("train", "valid", "test"):
-        frame.to_csv(folder / f"{split}.csv", index=False)
-
-
 def run_train(tiny_bert, data, output_dir, *extra):
     return train.main(
         ["--model_name_or_path", tiny_bert, "--dataset", f"CVD={data / 'CVD'}", "--dataset", f"COPD={data / 'COPD'}",
          "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
          "--max_seq_length", "32", "--seed", "3", *extra]
     )
-
-
-@pytest.fixture
-def tiny_data(tmp_path):
-    for domain in ("CVD", "COPD"):
-        write_pairs(tmp_path / "data" / domain)
-    return tmp_path / "data"
 
 
 def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_data, tmp_path):
@@ -263,7 +245,7 @@ def test_every_domain_expert_is_written_as_its_own_file(tiny_bert, tiny_data, tm
     trained = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
     # the untrained base with the CVD expert file (and the trained shared weights) computes the trained model's CVD
-    fresh = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])[0].eval()
+    fresh = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], moe_layers="top2")[0].eval()
     fresh.load_state_dict({k: v for k, v in trained.state_dict().items() if ".experts." not in k}, strict=False)
     fresh.load_expert(out / "experts" / "CVD.safetensors", tokenizer=tokenizer)
     batch = tokenizer(["[CVD] " + TEXTS[0]], return_tensors="pt")
@@ -271,39 +253,73 @@ def test_every_domain_expert_is_written_as_its_own_file(tiny_bert, tiny_data, tm
         torch.testing.assert_close(fresh(**batch).pooler_output, trained(**batch).pooler_output, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("resume_from", ["latest", "last-checkpoint"])
-def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path, resume_from):
+@pytest.fixture
+def optimizer_steps(monkeypatch):
+    """The learning rate of every optimizer step train.py takes, in order."""
+    learning_rates = []
+    make_optimizer = train.make_optimizer
+
+    class CountedAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            learning_rates.append(self.param_groups[0]["lr"])
+            return super().step(closure)
+
+    def counted(model, args):
+        optimizer = make_optimizer(model, args)
+        optimizer.__class__ = CountedAdamW
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", counted)
+    return learning_rates
+
+
+@pytest.mark.parametrize("resume_from, accumulation", [("latest", "1"), ("last-checkpoint", "1"), ("latest", "2")])
+def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path, resume_from, accumulation,
+                                                  optimizer_steps, capsys):
     import shutil
 
-    run_train(tiny_bert, tiny_data, tmp_path / "straight", "--max_train_steps", "4")
-    checkpointing = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
+    checkpointing = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "0", "--gradient_accumulation_steps",
+                     accumulation]
+    run_train(tiny_bert, tiny_data, tmp_path / "straight", "--max_train_steps", "4", *checkpointing)
+    straight_steps = list(optimizer_steps)
+    assert len(straight_steps) == 4
     run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing)
     (tmp_path / "resumed" / "model.safetensors").unlink()
+    optimizer_steps.clear()
     if resume_from == "latest":  # as if killed right after the checkpoint of step 1 (mid-epoch: 2 batches per epoch)
         for later in (2, 3, 4):
             shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{later}")
     else:  # step 1's checkpoint as the Hub keeps it (--hub_strategy checkpoint); the rerun rewrites checkpoint-2..4
         resume_from = str(shutil.copytree(tmp_path / "resumed" / "checkpoint-1", tmp_path / "hub" / "last-checkpoint"))
+    capsys.readouterr()
     card = run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing,
                      "--resume_from_checkpoint", resume_from)
     assert card["step"] == 4
+    # it really resumed: three optimizer steps, at the learning rates the uninterrupted run had at steps 2 to 4
+    assert optimizer_steps == pytest.approx(straight_steps[1:], rel=1e-9)
+    printed = capsys.readouterr().out
+    assert f"at step 1, learning rate {straight_steps[1]:.6e}" in printed and "trained steps 2..4 in this run" in printed
     straight_card = json.loads((tmp_path / "straight" / "training_state.json").read_text())
     assert card["best"] == straight_card["best"]  # the best-model record travelled with the checkpoint
-    straight = load_file(tmp_path / "straight" / "model.safetensors")
-    for name in ("model.safetensors", "checkpoint-4/model/model.safetensors"):
+    for name in ("model.safetensors", "checkpoint-4/model/model.safetensors"):  # assembled per domain; the last step
+        straight = load_file(tmp_path / "straight" / name)
         resumed = load_file(tmp_path / "resumed" / name)
         for key, tensor in straight.items():
             torch.testing.assert_close(resumed[key], tensor, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
-    assert not [p.name for p in (tmp_path / "resumed").iterdir() if p.name.startswith(".")]
+    assert not [p.name for p in (tmp_path / "resumed").iterdir() if p.name.startswith((".tmp", ".old"))]
 
 
-def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tiny_bert, tiny_data, tmp_path):
+def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tiny_bert, tiny_data, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
         run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", str(tmp_path / "empty"))
+    # a restart script's first run: nothing to resume yet, and it says so
+    card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", "latest", "--max_train_steps", "1")
+    assert card["step"] == 1
+    assert f"no checkpoint-<step>/ in {tmp_path / 'out'} yet, starting at step 0" in capsys.readouterr().out
 
 
-def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_data, tmp_path):
+def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_data, tmp_path, optimizer_steps):
     import signal
     import subprocess
     import sys
@@ -311,6 +327,8 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_d
 
     steps = ["--max_train_steps", "30", "--checkpointing_steps", "1", "--checkpoints_total_limit", "3"]
     run_train(tiny_bert, tiny_data, tmp_path / "straight", *steps)
+    straight_steps = list(optimizer_steps)
+    optimizer_steps.clear()
     killed = tmp_path / "killed"
     command = [sys.executable, train.__file__, "--model_name_or_path", tiny_bert, "--dataset", f"CVD={tiny_data / 'CVD'}",
                "--dataset", f"COPD={tiny_data / 'COPD'}", "--output_dir", str(killed), "--per_device_train_batch_size",
@@ -326,6 +344,9 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_d
 
     card = run_train(tiny_bert, tiny_data, killed, *steps, "--resume_from_checkpoint", "latest")
     assert card["step"] == 30
+    resumed_at = 30 - len(optimizer_steps)  # the newest checkpoint the kill left: step 3 or later
+    assert resumed_at >= 3
+    assert optimizer_steps == pytest.approx(straight_steps[resumed_at:], rel=1e-9)
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(killed / "model.safetensors")
     for name, tensor in straight.items():
@@ -341,7 +362,7 @@ def test_malformed_data_is_refused_before_training(tiny_bert, tmp_path):
         train.main(["--model_name_or_path", tiny_bert, "--dataset", f"CVD={folder}", "--output_dir", str(tmp_path / "o")])
 
 
-def launch_two_processes(tiny_bert, tiny_data, output_dir, env):
+def launch_two_processes(tiny_bert, tiny_data, output_dir, env, *extra):
     import os
     import subprocess
     import sys
@@ -352,7 +373,7 @@ def launch_two_processes(tiny_bert, tiny_data, output_dir, env):
         "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
         "--per_device_train_batch_size", "2", "--max_seq_length", "32", "--max_train_steps", "2",
         "--checkpointing_steps", "1", "--output_dir", str(output_dir), "--batching", "domain",  # one expert idle
-        "--cached_mini_batch_size", "1",
+        "--cached_mini_batch_size", "1", *extra,
     ]
     environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"HF_HUB_OFFLINE": "1"} | env
     return subprocess.run(command, env=environment, capture_output=True, text=True)
@@ -361,7 +382,8 @@ def launch_two_processes(tiny_bert, tiny_data, output_dir, env):
 def test_two_process_cpu_run_saves_checkpoints_that_automodel_loads(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
-    result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {"ACCELERATE_USE_CPU": "true"})
+    result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {"ACCELERATE_USE_CPU": "true"},
+                                  "--no-select_experts_per_domain")  # the final model is then the last step's
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = tmp_path / "out" / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
@@ -371,6 +393,26 @@ def test_two_process_cpu_run_saves_checkpoints_that_automodel_loads(tiny_bert, t
         final = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()(**batch).pooler_output
         saved = AutoModel.from_pretrained(checkpoint / "model", trust_remote_code=True).eval()(**batch).pooler_output
     torch.testing.assert_close(saved, final, atol=0, rtol=0)
+
+
+def test_two_processes_resume_where_their_checkpoint_stopped(tiny_bert, tiny_data, tmp_path):
+    import re
+    import shutil
+
+    use_cpu, steps = {"ACCELERATE_USE_CPU": "true"}, ("--max_train_steps", "3", "--checkpoints_total_limit", "0")
+    straight = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu, *steps)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    final = load_file(tmp_path / "out" / "model.safetensors")
+    for later in ("checkpoint-2", "checkpoint-3", "model.safetensors"):  # as if killed after step 1's checkpoint
+        (tmp_path / "out" / later).unlink() if later.endswith(".safetensors") else shutil.rmtree(tmp_path / "out" / later)
+    resumed = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu, *steps,
+                                   "--resume_from_checkpoint", "latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    learning_rate = re.search(r"at step 1, learning rate (\S+)", resumed.stdout)
+    assert learning_rate and float(learning_rate[1]) > 0  # the scheduler's state, not a fresh warm-up from 0
+    assert "trained steps 2..3 in this run" in resumed.stdout and "trained steps 1..3" in straight.stdout
+    for key, tensor in load_file(tmp_path / "out" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, final[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
 def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tmp_path):
@@ -404,8 +446,9 @@ def test_domain_batches_hold_one_domain_per_global_batch(capsys):
 def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_data, tmp_path):
     from modeling_moebert import MoEBertModel
 
-    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--train_experts_only")
-    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])[0].state_dict()
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--train_experts_only",
+              "--no-select_experts_per_domain")  # every expert then holds its last step
+    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], moe_layers="top2")[0].state_dict()
     trained = load_file(tmp_path / "out" / "model.safetensors")
     experts = [name for name in trained if ".experts." in name]
     assert experts and all(not torch.equal(trained[name], start[name]) for name in experts)
@@ -422,7 +465,7 @@ def test_continuing_a_checkpoint_trains_each_domain_on_its_own_expert(tiny_bert,
     # COPD alone, the checkpoint's second domain: its pairs must reach expert 1, never expert 0 (CVD)
     train.main(["--model_name_or_path", str(tmp_path / "start"), "--dataset", f"COPD={tiny_data / 'COPD'}",
                 "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
-                "--max_seq_length", "32", "--max_train_steps", "2"])
+                "--max_seq_length", "32", "--max_train_steps", "2", "--no-select_experts_per_domain"])
     start, trained = model.state_dict(), load_file(tmp_path / "out" / "model.safetensors")
     for name in (n for n in trained if ".experts." in n):
         same = torch.equal(trained[name], start[name])
@@ -431,11 +474,13 @@ def test_continuing_a_checkpoint_trains_each_domain_on_its_own_expert(tiny_bert,
 
 @pytest.mark.parametrize("routing_mode", ["sentence", "token"])
 def test_train_and_eval_route_each_domain_to_its_own_expert(tiny_bert, tiny_data, tmp_path, routing_mode):
-    from eval import TransformerEncoder
+    from encoders import TransformerEncoder
     from modeling_moebert import MoEBertModel
 
-    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--routing_mode", routing_mode)
-    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], routing_mode=routing_mode)[0].state_dict()
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--routing_mode", routing_mode,
+              "--no-select_experts_per_domain")
+    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], routing_mode=routing_mode, moe_layers="top2")[0]
+    start = start.state_dict()
     trained = load_file(tmp_path / "out" / "model.safetensors")
     # domain batches: one step per domain, each on its own expert (all-zero segments would train expert 0 twice)
     assert all(not torch.equal(trained[k], start[k]) for k in trained if ".experts." in k)
@@ -537,12 +582,80 @@ def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
 
 
 def test_the_full_recipe_is_one_flag_and_explicit_flags_override_it():
-    quick, full = train.parse_args([]), train.parse_args(["--recipe", "full"])
-    assert (quick.max_seq_length, quick.train_experts_only, quick.num_train_epochs) == (128, True, None)
+    quick, full = train.parse_args(["--recipe", "quick"]), train.parse_args(["--recipe", "full"])
+    assert (quick.max_seq_length, quick.train_experts_only, quick.num_train_epochs) == (256, True, None)
+    assert (quick.moe_layers, quick.attention_dropout, quick.reuse_stem_states, quick.select_experts_per_domain) == (
+        "top2", 0.0, True, True)
     assert {k: getattr(full, k) for k in train.FULL_RECIPE} == train.FULL_RECIPE
+    assert (full.reuse_stem_states, full.select_experts_per_domain) == (False, False)
     assert (full.max_seq_length, full.train_experts_only, full.mixed_precision) == (256, False, "bf16")
     tuned = train.parse_args(["--recipe", "full", "--learning_rate", "1e-5", "--train_experts_only"])
     assert (tuned.learning_rate, tuned.train_experts_only, tuned.max_seq_length) == (1e-5, True, 256)
+
+
+@pytest.mark.parametrize("cuda, mps, use_cpu, recipe", [
+    (False, False, "", "quick"), (True, False, "", "full"), (False, True, "", "full"), (True, False, "true", "quick"),
+])
+def test_the_recipe_follows_the_device(monkeypatch, cuda, mps, use_cpu, recipe):
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(train.torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
+    monkeypatch.setattr(train, "bf16_is_native", lambda device: True)  # no real CUDA to ask
+    args = train.parse_args([])
+    assert args.recipe == recipe
+    expected = {"quick": "no CUDA or MPS" if not use_cpu else "ACCELERATE_USE_CPU", "full": "Fake GPU" if cuda else "MPS"}
+    assert expected[recipe] in args.recipe_reason
+    assert (args.train_experts_only, args.num_train_epochs) == ((True, None) if recipe == "quick" else (False, 1))
+    assert train.parse_args(["--recipe", "quick"]).recipe == "quick"  # forced either way
+    assert train.parse_args(["--recipe", "full"]).recipe == "full"
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_the_quick_recipe_uses_bf16_only_where_it_is_native(monkeypatch, native):
+    monkeypatch.setattr(train, "bf16_is_native", lambda device: native)
+    assert train.parse_args(["--recipe", "quick"]).mixed_precision == ("bf16" if native else "no")
+    assert train.parse_args(["--recipe", "quick", "--mixed_precision", "no"]).mixed_precision == "no"
+
+
+@pytest.mark.parametrize("flags", [["--no-train_experts_only", "--reuse_stem_states"],
+                                   ["--no-train_experts_only", "--select_experts_per_domain"],
+                                   ["--select_experts_per_domain", "--load_best_model_at_end"]])
+def test_options_that_need_frozen_shared_weights_are_refused_without(flags, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(flags)
+    assert "--select_experts_per_domain" in capsys.readouterr().err
+
+
+def test_the_final_model_is_assembled_from_each_domains_best_expert(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):
+    from modeling_moebert import MoEBertModel
+
+    # valid ROC-AUC per evaluation (steps 0..4, then the assembled model): CVD peaks at step 2, COPD never beats step 0
+    scores = iter([(0.5, 0.5), (0.6, 0.4), (0.7, 0.45), (0.65, 0.3), (0.62, 0.2), (0.7, 0.5)])
+
+    def evaluate(*args):
+        cvd, copd = next(scores)
+        return {"CVD": {"roc_auc": cvd}, "COPD": {"roc_auc": copd}, "mean": {"roc_auc": (cvd + copd) / 2}, "all": {}}
+
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    out = tmp_path / "out"
+    card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "4", "--eval_steps", "1",
+                     "--checkpointing_steps", "1", "--checkpoints_total_limit", "0")
+    assert capsys.readouterr().out.startswith("recipe quick: ")  # the first printed line names the recipe
+    assert card["expert_selection"]["kept"] == {"CVD": {"value": 0.7, "step": 2}, "COPD": {"value": 0.5, "step": 0}}
+    assert card["metrics"]["mean"]["roc_auc"] == 0.6  # the assembled model was scored again
+    assert "CVD: step 2 (0.7000), COPD: step 0 (0.5000)" in (out / "README.md").read_text()
+
+    def model_at(folder):
+        return load_file(folder / "model.safetensors")
+
+    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], moe_layers="top2")[0].state_dict()
+    final, step2, step4 = model_at(out), model_at(out / "checkpoint-2" / "model"), model_at(out / "checkpoint-4" / "model")
+    for key, tensor in final.items():
+        expected = step2 if ".experts.0." in key else start  # CVD is expert 0; COPD and the shared weights: untrained
+        torch.testing.assert_close(tensor, expected[key], atol=0, rtol=0, msg=key)
+    trained = [k for k in final if ".experts." in k]
+    assert trained and all(not torch.equal(final[k], step4[k]) for k in trained)  # the last step's experts were not kept
 
 
 def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
@@ -610,7 +723,9 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
             run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "1",
                       "--push_to_hub", "--hub_model_id", "lab/moebert-test", "--hub_token", "hf_test")
     assert "model.safetensors" in hub.repos["lab/moebert-test"]["files"]  # step 1's model arrived
-    assert "pushed to" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "pushed to" not in printed  # training did not finish: no claim that the model was pushed
+    assert "uploads queued before training stopped arrived" in printed and "the final model was not pushed" in printed
 
 
 def test_the_embedded_base_is_recorded_by_its_hub_id_and_still_grows_offline(tmp_path):
@@ -636,13 +751,15 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
     run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     state = json.loads((tmp_path / "out" / "training_state.json").read_text())
-    assert card.data.base_model == tiny_bert and card.data.library_name == "sentence-transformers"
+    assert card.data.base_model == train.Path(tiny_bert).name  # a local folder by its name only: no path of this machine
+    assert card.data.library_name == "sentence-transformers"
     assert card.data.pipeline_tag == "sentence-similarity" and "moebert" in card.data.tags
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
     assert len(results) == 4  # roc_auc and f1_max for both domains
     for domain in ("CVD", "COPD"):
         assert results[(domain, "roc_auc")] == round(state["metrics"][domain]["roc_auc"], 4)
     assert 'prompt_name="CVD"' in card.text and "model.prepend_domain_token" in card.text and "Hallee" in card.text
+    assert "model.cocitation_probability(cosine" in card.text  # train.py calibrates every model it saves
 
 
 def test_the_card_names_the_licence_of_the_embedded_base():
@@ -714,7 +831,7 @@ def test_the_process_group_waits_as_long_as_ddp_timeout(monkeypatch):
 def test_validation_is_shared_between_processes_and_every_process_gets_every_vector(tiny_moe, monkeypatch):
     from types import SimpleNamespace
 
-    from eval import TransformerEncoder
+    from encoders import TransformerEncoder
 
     model, tokenizer = tiny_moe
     encoder = TransformerEncoder(model, tokenizer, 32, 2)

@@ -1,0 +1,169 @@
+"""Calibrated co-citation probabilities: the fit, the metrics, and the model that carries them."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import TEXTS
+
+import eval as evaluation
+from metrics import calibration_metrics, fit_platt, platt, reliability_curve
+from modeling_moebert import MoEBertModel
+
+
+def test_platt_scaling_recovers_known_parameters_and_is_monotone():
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(-1, 1, 100_000)
+    labels = (rng.random(scores.size) < platt(scores, 6.0, -1.0)).astype(int)
+    a, b = fit_platt(scores, labels)
+    assert a == pytest.approx(6.0, abs=0.15) and b == pytest.approx(-1.0, abs=0.05)
+    grid = np.linspace(-1, 1, 101)
+    assert (np.diff(platt(grid, a, b)) > 0).all()
+
+
+def test_expected_calibration_error_and_brier_by_hand():
+    probabilities = np.array([0.05, 0.05, 0.95, 0.95, 0.55, 0.55, 0.55, 0.55])
+    labels = np.array([0, 0, 1, 0, 1, 1, 0, 0])
+    # bins: [0.0, 0.1): predicted 0.05, observed 0 -> 0.05 * 2/8; [0.9, 1.0]: 0.95 vs 0.5 -> 0.45 * 2/8;
+    # [0.5, 0.6): 0.55 vs 0.5 -> 0.05 * 4/8
+    metrics = calibration_metrics(probabilities, labels)
+    assert metrics["ece"] == pytest.approx(0.05 * 0.25 + 0.45 * 0.25 + 0.05 * 0.5)
+    assert metrics["brier"] == pytest.approx(np.mean((probabilities - labels) ** 2))
+    predicted, observed, pairs = reliability_curve(probabilities, labels)
+    assert predicted.tolist() == pytest.approx([0.05, 0.55, 0.95]) and observed.tolist() == [0.0, 0.5, 0.5]
+    assert pairs.tolist() == [2, 4, 2]
+
+
+@pytest.fixture
+def calibrated_moe(tiny_moe):
+    model, tokenizer = tiny_moe
+    model.config.calibration = {"method": "platt", "fitted_on": "valid",
+                                "parameters": {"CVD": [8.0, -4.0], "COPD": [5.0, -2.0]}}
+    return model, tokenizer
+
+
+def test_probabilities_are_the_domains_own_map_and_refused_where_there_is_none(calibrated_moe, tiny_bert):
+    model, tokenizer = calibrated_moe
+    cosines = torch.tensor([0.2, 0.5, 0.9])
+    torch.testing.assert_close(model.cocitation_probability(cosines, "CVD"), torch.sigmoid(8 * cosines - 4))
+    torch.testing.assert_close(model.cocitation_probability(cosines, "COPD"), torch.sigmoid(5 * cosines - 2))
+    with pytest.raises(ValueError, match="its expert changed after the calibration was fitted"):
+        model.cocitation_probability(cosines, "SKIN")  # a domain the calibration does not cover
+    with pytest.raises(ValueError, match="unknown domain 'ONC'"):
+        model.cocitation_probability(cosines, "ONC")
+    uncalibrated = MoEBertModel.from_bert(tiny_bert, domains=["CVD"])[0]
+    with pytest.raises(ValueError, match="was not calibrated, its similarities are cosines, not probabilities"):
+        uncalibrated.cocitation_probability(cosines, "CVD")
+
+
+def test_an_expert_loaded_over_a_domain_loses_that_domains_calibration(calibrated_moe, tmp_path):
+    model, tokenizer = calibrated_moe
+    model.save_expert("COPD", tmp_path / "COPD.safetensors")
+    model.load_expert(tmp_path / "COPD.safetensors")
+    assert set(model.config.calibration["parameters"]) == {"CVD"}
+    with pytest.raises(ValueError, match="fit one with `python eval.py calibrate --model PATH`"):
+        model.cocitation_probability(0.5, "COPD")
+
+
+def test_probabilities_survive_save_load_sentence_transformers_and_a_push(calibrated_moe, tmp_path):
+    from fake_hub import push_with_save_pretrained
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoModel
+
+    model, tokenizer = calibrated_moe
+    cosines = torch.linspace(-0.2, 1.0, 7)
+    expected = model.cocitation_probability(cosines, "CVD")
+    model.save_pretrained(tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    for name, content in push_with_save_pretrained(tmp_path / "saved", "lab/calibrated", tmp_path).items():
+        (tmp_path / "pulled" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "pulled" / name).write_bytes(content)
+    reloaded = [
+        AutoModel.from_pretrained(tmp_path / "saved", trust_remote_code=True),
+        SentenceTransformer(str(tmp_path / "saved"), trust_remote_code=True, device="cpu")[0].auto_model,
+        AutoModel.from_pretrained(tmp_path / "pulled", trust_remote_code=True),
+    ]
+    for other in reloaded:
+        torch.testing.assert_close(other.cocitation_probability(cosines, "CVD"), expected, atol=0, rtol=0)
+
+
+def write_domains(root, domains=("CVD", "COPD")):
+    rng = np.random.default_rng(0)
+    words = ["heart", "lung", "cell", "trial", "dose", "risk", "renal", "liver", "brain", "bone"]
+    rows = [(" ".join(rng.choice(words, 5)), " ".join(rng.choice(words, 5)), label) for label in [1, 0] * 20]
+    frame = pd.DataFrame(rows, columns=["a", "b", "label"])
+    for domain in domains:
+        (root / domain).mkdir(parents=True)
+        for split in ("train", "valid", "test"):
+            frame.to_csv(root / domain / f"{split}.csv", index=False)
+    return [f"--dataset={d}={root / d}" for d in domains]
+
+
+def test_eval_reports_raw_and_calibrated_scores_and_calibrate_stores_the_map(calibrated_moe, tmp_path, capsys):
+    model, tokenizer = calibrated_moe
+    model.config.calibration = None
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    datasets = write_domains(tmp_path / "data")
+    stored = evaluation.main(["calibrate", "--model", str(tmp_path / "moe"), *datasets, "--precision", "fp32",
+                              "--device", "cpu"])
+    config = json.loads((tmp_path / "moe" / "config.json").read_text())
+    assert config["calibration"] == json.loads(json.dumps(stored)) and set(stored["parameters"]) == {"CVD", "COPD"}
+    assert "calibration written to" in capsys.readouterr().out
+
+    out = tmp_path / "out"
+    results = evaluation.main(["--model", f"moe={tmp_path / 'moe'}", "--model", "tfidf", *datasets, "--device", "cpu",
+                               "--output_dir", str(out), "--bootstrap", "20", "--reference", "tfidf"])
+    report = results["moe"]["calibration"]
+    assert report["fitted_by"] == "eval.py calibrate" and results["tfidf"]["calibration"]["fitted_by"] == "eval.py"
+    predictions = pd.read_csv(out / "predictions.csv")
+    cosines = predictions[(predictions.model == "moe") & (predictions.domain == "CVD")]
+    calibrated = predictions[(predictions.model == "moe (calibrated)") & (predictions.domain == "CVD")]
+    a, b = stored["parameters"]["CVD"]
+    np.testing.assert_allclose(calibrated.cosine, platt(cosines.cosine, a, b), atol=2e-6)  # the stored map, applied
+    both = predictions[predictions.model == "moe (calibrated)"]
+    pooled = calibration_metrics(both.cosine, both.label)
+    assert report["calibrated"]["pooled"]["ece"] == pytest.approx(pooled["ece"], abs=1e-5)
+    assert "vs tfidf" in results["moe (calibrated)"]["bootstrap"]
+    assert "| moe (eval.py calibrate) |" in (out / "results.md").read_text()
+    assert (out / "reliability_moe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_training_stores_the_calibration_of_the_saved_weights(tiny_bert, tmp_path):
+    from test_train import run_train
+
+    from data.loading import load_domain_dataset
+    from encoders import TransformerEncoder
+
+    write_domains(tmp_path / "data")
+    run_train(tiny_bert, tmp_path / "data", tmp_path / "out", "--max_train_steps", "2")
+    encoder = TransformerEncoder.from_pretrained(str(tmp_path / "out"), 32, 8)
+    stored = encoder.model.config.calibration
+    assert stored["fitted_on"] == "valid" and set(stored["parameters"]) == {"CVD", "COPD"}
+    for domain in ("CVD", "COPD"):
+        _, scored = evaluation.evaluate_model(encoder, {domain: load_domain_dataset(str(tmp_path / "data" / domain))}, "valid")
+        np.testing.assert_allclose(stored["parameters"][domain], fit_platt(*scored[domain]["valid"]), rtol=1e-3, atol=1e-3)
+
+
+def test_search_prints_the_probability_beside_the_cosine(calibrated_moe, tmp_path, capsys):
+    import search
+
+    model, tokenizer = calibrated_moe
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    papers = pd.DataFrame({"id": ["a", "b", "c"], "text": TEXTS[:3], "domain": ["CVD", "CVD", "COPD"]})
+    papers.to_csv(tmp_path / "papers.csv", index=False)
+    search.main(["index", "--papers", str(tmp_path / "papers.csv"), "--model", str(tmp_path / "moe"), "--output_dir",
+                 str(tmp_path / "index"), "--max_seq_length", "32", "--device", "cpu", "--precision", "fp32"])
+    capsys.readouterr()
+    (result,) = search.main(["query", "--index", str(tmp_path / "index"), "--text", TEXTS[0], "--domain", "CVD",
+                             "--top_k", "3", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    for hit in result["hits"]:
+        if hit["domain"] == "CVD":
+            assert hit["probability"] == pytest.approx(float(torch.sigmoid(torch.tensor(8 * hit["score"] - 4))), abs=1e-6)
+            assert f"{hit['score']:.4f}  P(co-cited) {hit['probability']:.2f}  {hit['id']}" in printed
+        else:  # calibrated on pairs of one domain: no probability across domains
+            assert hit["probability"] is None

@@ -1,0 +1,161 @@
+"""Stored stem states (stem_cache.py): exact reuse, never stale, and the cheaper training step they give."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import DOMAINS, TEXTS
+
+import stem_cache
+import train
+import training
+from modeling_moebert import MoEBertModel
+
+INPUTS = [(d, t) for d in range(3) for t in TEXTS]  # the same texts under 3 domain tokens: 15 different stems
+
+
+@pytest.fixture
+def upper_moe(tiny_bert):
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS, moe_layers="upper")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # experts that differ, as after training
+        for name, parameter in model.named_parameters():
+            if ".experts." in name:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model.eval(), tokenizer
+
+
+def open_states(model, tokenizer, folder, inputs=INPUTS, max_seq_length=32, mixed_precision="no"):
+    return stem_cache.StemStates.open_or_build(model, tokenizer, inputs, max_seq_length, folder, mixed_precision, 4)
+
+
+def test_stored_states_are_what_a_forward_pass_computes(upper_moe, tmp_path):
+    from encoders import StemEncoder, TransformerEncoder
+
+    model, tokenizer = upper_moe
+    stems = open_states(model, tokenizer, tmp_path)
+    for domain, text in INPUTS:
+        tokens = tokenizer(f"{model.config.domain_tokens[domain]} {text}", return_tensors="pt")
+        with torch.no_grad():
+            expected = model.stem_states(tokens["input_ids"], tokens["attention_mask"])[0]
+        stored = stems.batch([(domain, text)])
+        assert stored["attention_mask"].sum() == tokens["input_ids"].shape[1]
+        torch.testing.assert_close(stored["stem_states"][0], expected, atol=1e-5, rtol=0)
+    # the encoder training scores valid with gives the full forward pass's embeddings
+    full = TransformerEncoder(model, tokenizer, max_seq_length=32, batch_size=2)
+    from_stems = StemEncoder(model, stems, batch_size=2)
+    for domain in DOMAINS[:3]:
+        np.testing.assert_allclose(from_stems.encode(TEXTS, domain), full.encode(TEXTS, domain), atol=1e-5, rtol=0)
+
+
+def test_truncation_follows_the_training_length(upper_moe, tmp_path):
+    model, tokenizer = upper_moe
+    stems = open_states(model, tokenizer, tmp_path, max_seq_length=8)
+    assert stems.batch(INPUTS)["stem_states"].shape[1] == 8
+
+
+def test_a_changed_stem_data_length_or_precision_never_reuses_stale_states(upper_moe, tmp_path, monkeypatch):
+    model, tokenizer = upper_moe
+    builds = []
+    write = stem_cache.write_states
+    monkeypatch.setattr(stem_cache, "write_states", lambda *args: builds.append(args[2].name) or write(*args))
+
+    first = open_states(model, tokenizer, tmp_path)
+    assert len(builds) == 1
+    assert open_states(model, tokenizer, tmp_path).folder == first.folder and len(builds) == 1  # reused
+    with torch.no_grad():  # an expert is not part of the stem: its states stay valid
+        model.encoder.layer[model.config.moe_layers[0]].experts[0].output.weight.add_(1.0)
+    assert open_states(model, tokenizer, tmp_path).folder == first.folder and len(builds) == 1
+
+    changes = {
+        "data": lambda: open_states(model, tokenizer, tmp_path, INPUTS[:-1] + [(2, TEXTS[-1] + " Revised.")]),
+        "domain of a text": lambda: open_states(model, tokenizer, tmp_path, INPUTS[:-1] + [(3, TEXTS[-1])]),
+        "length": lambda: open_states(model, tokenizer, tmp_path, max_seq_length=16),
+        "precision": lambda: open_states(model, tokenizer, tmp_path, mixed_precision="bf16"),
+    }
+    for change, reopen in changes.items():
+        assert reopen().folder != first.folder and len(builds) == 1 + list(changes).index(change) + 1, change
+    with torch.no_grad():  # a stem weight (the embeddings)
+        model.embeddings.word_embeddings.weight[tokenizer.cls_token_id] += 0.5
+    changed = open_states(model, tokenizer, tmp_path)
+    assert changed.folder != first.folder and len(builds) == len(changes) + 2
+    cls_row = changed.batch([INPUTS[0]])["stem_states"][0, 0]
+    assert not torch.allclose(cls_row, first.batch([INPUTS[0]])["stem_states"][0, 0])
+    assert not list(tmp_path.glob(".tmp-*"))  # every build finished under its final name
+
+
+def test_a_cut_short_state_file_is_refused_with_the_fix(upper_moe, tmp_path):
+    model, tokenizer = upper_moe
+    folder = open_states(model, tokenizer, tmp_path).folder
+    np.save(folder / "offsets.npy", np.load(folder / "offsets.npy")[:-2])
+    with pytest.raises(ValueError, match="delete the folder to rebuild it"):
+        open_states(model, tokenizer, tmp_path)
+
+
+def pair_batch(model, tokenizer, stems=None):
+    rows = [{"a": TEXTS[i], "b": TEXTS[(i + 1) % 5], "domain_id": i % 2, "id_a": i, "id_b": (i + 1) % 5,
+             "hard": [TEXTS[(i + 3) % 5]], "id_hard": [(i + 3) % 5]} for i in range(4)]
+    return training.make_collate(model, tokenizer, 32, stems)(rows)
+
+
+def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_path):
+    from accelerate import Accelerator
+
+    model, tokenizer = upper_moe  # eval mode: no dropout, so both steps are deterministic
+    args = train.parse_args(["--no-mask_false_negatives", "--stem_cache_dir", str(tmp_path)])
+    train.make_optimizer(model, args)  # experts only
+    stems = open_states(model, tokenizer, tmp_path, INPUTS[:10])
+    accelerator = Accelerator(cpu=True)
+
+    def gradients(batch):
+        model.zero_grad()
+        loss = train.backward_step(model, batch, args, accelerator, None)
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_loss, plain = gradients(pair_batch(model, tokenizer))
+    stem_loss, from_stems = gradients(pair_batch(model, tokenizer, stems))
+    assert set(pair_batch(model, tokenizer, stems)["a"]) == {"stem_states", "attention_mask"}
+    torch.testing.assert_close(stem_loss, plain_loss, atol=1e-6, rtol=1e-5)
+    assert plain and plain.keys() == from_stems.keys() and all(".experts." in n for n in plain)
+    for name, grad in plain.items():
+        torch.testing.assert_close(from_stems[name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------ per-domain selection
+
+
+def expert_tensors(model, domain):
+    return {k: v.clone() for k, v in model.expert_state(model.config.domain_index(domain)).items()}
+
+
+def test_each_domain_keeps_its_best_expert_and_the_rest_is_untouched(upper_moe):
+    model, _ = upper_moe
+    domains = model.config.domains
+    best = training.BestExperts("pooled_roc_auc")  # a pooled metric selects by its per-domain form
+    assert best.metric == "roc_auc"
+    shared = {k: v.clone() for k, v in model.state_dict().items() if ".experts." not in k}
+
+    def train_a_little():
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if ".experts." in name:
+                    parameter.add_(0.01)
+
+    scores = {0: [0.5, 0.5, 0.5, 0.5, 0.5], 10: [0.6, 0.4, 0.5, 0.55, 0.5], 20: [0.55, 0.45, 0.7, 0.6, 0.5]}
+    improved = {0: domains, 10: ["CVD", "PARA"], 20: ["SKIN", "PARA"]}
+    experts_at = {}
+    for step, values in scores.items():
+        experts_at[step] = {d: expert_tensors(model, d) for d in domains}
+        assert best.update(model, {d: {"roc_auc": v} for d, v in zip(domains, values)}, step) == improved[step]
+        train_a_little()
+
+    restored = training.BestExperts("roc_auc")
+    restored.load_state_dict(best.state_dict())  # travels with a checkpoint
+    restored.assemble(model)
+    chosen = {"CVD": 10, "COPD": 0, "SKIN": 20, "PARA": 20, "AUTO": 0}  # ties keep the earlier expert
+    assert {d: b["step"] for d, b in best.best.items()} == chosen
+    for domain, step in chosen.items():
+        for key, tensor in expert_tensors(model, domain).items():
+            torch.testing.assert_close(tensor, experts_at[step][domain][key], atol=0, rtol=0, msg=f"{domain} {key}")
+    for key, tensor in model.state_dict().items():
+        if ".experts." not in key:
+            torch.testing.assert_close(tensor, shared[key], atol=0, rtol=0, msg=key)
