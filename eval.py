@@ -261,6 +261,8 @@ def markdown_table(results: dict, metric: str) -> str:
     lines = [f"| {metric} | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
     for label, per_domain in results.items():
         cells = [per_domain.get(d, {}).get(metric) for d in domains]
+        if all(c is None for c in cells) and "error" not in per_domain.get("all", {}):
+            continue  # e.g. the honest protocol for calibrated probabilities: nothing to show
         lines.append(f"| {label} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in cells) + " |")
     return "\n".join(lines)
 

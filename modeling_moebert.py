@@ -89,6 +89,96 @@ class ExpertRouting:
         return outputs.index_select(0, self.inverse).view_as(hidden_states)
 
 
+class DomainRouter:
+    """Which domain, hence which expert, each sequence (or, in token routing mode, each token) of a batch belongs to:
+    read from `domain_ids`, the domain token after `[CLS]` or `token_type_ids`, checked against the config, and
+    turned into the batch's ExpertRouting. Enforced, not learned: it has no weights."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def route(self, input_ids, token_type_ids, domain_ids, shape, device) -> tuple[ExpertRouting, torch.Tensor | None]:
+        """The routing of this batch, and the order that sorts its sequences by expert (None: already sorted, or
+        routed per token)."""
+        if self.routes_per_token(domain_ids):
+            expert_ids = self.token_expert_ids(token_type_ids, domain_ids, shape, device)
+            return ExpertRouting.by_token(expert_ids, self.config.num_experts), None
+        domains = self.sequence_domains(input_ids, domain_ids, shape[0])
+        experts = domains if self.config.num_experts > 1 else [0] * len(domains)
+        routing = ExpertRouting(counts=[experts.count(e) for e in range(self.config.num_experts)])
+        order = sorted(range(len(experts)), key=experts.__getitem__)
+        if order == list(range(len(order))):
+            return routing, None
+        return routing, torch.tensor(order, device=device)
+
+    def routes_per_token(self, domain_ids) -> bool:
+        """Token routing mode, unless `domain_ids` give one domain per sequence."""
+        return self.config.routing_mode == "token" and (domain_ids is None or torch.as_tensor(domain_ids).dim() == 2)
+
+    def token_expert_ids(self, token_type_ids, domain_ids, shape, device) -> torch.Tensor:
+        """Token routing: the expert of every token, shape `(batch_size, seq_len)`, from `domain_ids` or else
+        `token_type_ids` (one domain index per token)."""
+        if domain_ids is None and token_type_ids is None:
+            raise ValueError(
+                "Token routing needs domain_ids or token_type_ids: one domain index per token (or domain_ids "
+                f"one per sequence), in 0..{len(self.config.domains) - 1} for {self.config.domains}."
+            )
+        name, ids = ("token_type_ids", token_type_ids) if domain_ids is None else ("domain_ids", domain_ids)
+        ids = torch.as_tensor(ids, device=device).long()
+        if ids.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected {tuple(shape)}.")
+        unknown = (ids < 0) | (ids >= len(self.config.domains))
+        if unknown.any():
+            raise ValueError(
+                f"{name} holds unknown domain ids {sorted(set(ids[unknown].tolist()))}: this model has "
+                f"{len(self.config.domains)} domains {dict(enumerate(self.config.domains))}."
+            )
+        return ids if self.config.num_experts > 1 else torch.zeros_like(ids)
+
+    def sequence_domains(self, input_ids, domain_ids, batch_size: int) -> list[int]:
+        """The domain index of each sequence, checked, as a host list (the forward pass's one host sync): from
+        `domain_ids`, or else from the domain token at position 1 (right after `[CLS]`)."""
+        if domain_ids is None:
+            domains = self.domain_ids_from_tokens(input_ids).tolist()
+            missing = [i for i, d in enumerate(domains) if d < 0]
+            if missing:
+                known = dict(zip(self.config.domain_tokens, self.config.domains))
+                raise ValueError(
+                    f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after [CLS]. "
+                    f"Start each text with its domain token, e.g. '{self.config.domain_tokens[0]} ' + text, or pass "
+                    f"domain_ids; this model knows {known}."
+                )
+            return domains
+        ids = torch.as_tensor(domain_ids)
+        if ids.shape != (batch_size,):
+            raise ValueError(
+                f"domain_ids has shape {tuple(ids.shape)}: expected one domain per sequence, shape ({batch_size},)."
+            )
+        domains = ids.long().tolist()
+        bad = sorted({d for d in domains if not 0 <= d < len(self.config.domains)})
+        if bad:
+            raise ValueError(
+                f"domain_ids holds unknown domain ids {bad}: this model has {len(self.config.domains)} domains "
+                f"{dict(enumerate(self.config.domains))}."
+            )
+        return domains
+
+    def domain_ids_from_tokens(self, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """The domain of each sequence, read from the domain token at position 1 (right after `[CLS]`); -1 where
+        there is none."""
+        known = dict(zip(self.config.domain_tokens, self.config.domains))
+        if input_ids is None or self.config.domain_token_ids is None:
+            raise ValueError(
+                "No domain given: pass domain_ids (one per sequence) or input_ids that start with a domain token "
+                f"after [CLS]; this model knows {known}."
+            )
+        if input_ids.shape[1] < 2:
+            raise ValueError("input_ids are too short to hold [CLS] followed by a domain token.")
+        token_ids = torch.tensor(self.config.domain_token_ids, device=input_ids.device)
+        matches = input_ids[:, 1, None] == token_ids[None, :]
+        return torch.where(matches.any(dim=1), matches.int().argmax(dim=1), -1)
+
+
 class MoEBertLayer(GradientCheckpointingLayer):
     """A BERT layer whose feed-forward block is one expert per domain; attention and LayerNorm are shared."""
 
@@ -204,7 +294,8 @@ class MoEBertModel(MoEBertPreTrainedModel):
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         shape = next(t for t in (input_ids, stem_states, inputs_embeds) if t is not None).shape[:2]
 
-        routing, sorted_by_domain = self.route(input_ids, token_type_ids, domain_ids, shape)
+        device = input_ids.device if input_ids is not None else self.device
+        routing, sorted_by_domain = DomainRouter(self.config).route(input_ids, token_type_ids, domain_ids, shape, device)
         if self.config.routing_mode == "token" and domain_ids is None:
             token_type_ids = None  # they carried the routing; the embeddings keep the segment-0 vectors
         if sorted_by_domain is not None:  # several domains: the batch is sorted by domain once, for every layer
@@ -265,89 +356,6 @@ class MoEBertModel(MoEBertPreTrainedModel):
             return hidden_states.float().mean(dim=1)
         mask = attention_mask.unsqueeze(-1).float()  # sums in fp32 also under bf16/fp16: hundreds of tokens add up
         return (hidden_states.float() * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
-
-    # ----------------------------------------------------------------------------------------------- routing
-
-    def route(self, input_ids, token_type_ids, domain_ids, shape) -> tuple[ExpertRouting, torch.Tensor | None]:
-        """The routing of this batch, and the order that sorts its sequences by expert (None: already sorted, or
-        routed per token)."""
-        if self.routes_per_token(domain_ids):
-            expert_ids = self.token_expert_ids(token_type_ids, domain_ids, shape)
-            return ExpertRouting.by_token(expert_ids, self.config.num_experts), None
-        domains = self.sequence_domains(input_ids, domain_ids, shape[0])
-        experts = domains if self.config.num_experts > 1 else [0] * len(domains)
-        routing = ExpertRouting(counts=[experts.count(e) for e in range(self.config.num_experts)])
-        order = sorted(range(len(experts)), key=experts.__getitem__)
-        if order == list(range(len(order))):
-            return routing, None
-        return routing, torch.tensor(order, device=input_ids.device if input_ids is not None else self.device)
-
-    def routes_per_token(self, domain_ids) -> bool:
-        """Token routing mode, unless `domain_ids` give one domain per sequence."""
-        return self.config.routing_mode == "token" and (domain_ids is None or torch.as_tensor(domain_ids).dim() == 2)
-
-    def token_expert_ids(self, token_type_ids, domain_ids, shape) -> torch.Tensor:
-        """Token routing: the expert of every token, shape `(batch_size, seq_len)`, from `domain_ids` or else
-        `token_type_ids` (one domain index per token)."""
-        if domain_ids is None and token_type_ids is None:
-            raise ValueError(
-                "Token routing needs domain_ids or token_type_ids: one domain index per token (or domain_ids "
-                f"one per sequence), in 0..{len(self.config.domains) - 1} for {self.config.domains}."
-            )
-        name, ids = ("token_type_ids", token_type_ids) if domain_ids is None else ("domain_ids", domain_ids)
-        ids = torch.as_tensor(ids, device=self.device).long()
-        if ids.shape != shape:
-            raise ValueError(f"{name} has shape {tuple(ids.shape)}: expected {tuple(shape)}.")
-        unknown = (ids < 0) | (ids >= len(self.config.domains))
-        if unknown.any():
-            raise ValueError(
-                f"{name} holds unknown domain ids {sorted(set(ids[unknown].tolist()))}: this model has "
-                f"{len(self.config.domains)} domains {dict(enumerate(self.config.domains))}."
-            )
-        return ids if self.config.num_experts > 1 else torch.zeros_like(ids)
-
-    def sequence_domains(self, input_ids, domain_ids, batch_size: int) -> list[int]:
-        """The domain index of each sequence, checked, as a host list (the forward pass's one host sync): from
-        `domain_ids`, or else from the domain token at position 1 (right after `[CLS]`)."""
-        if domain_ids is None:
-            domains = self.domain_ids_from_tokens(input_ids).tolist()
-            missing = [i for i, d in enumerate(domains) if d < 0]
-            if missing:
-                known = dict(zip(self.config.domain_tokens, self.config.domains))
-                raise ValueError(
-                    f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after [CLS]. "
-                    f"Start each text with its domain token, e.g. '{self.config.domain_tokens[0]} ' + text, or pass "
-                    f"domain_ids; this model knows {known}."
-                )
-            return domains
-        ids = torch.as_tensor(domain_ids)
-        if ids.shape != (batch_size,):
-            raise ValueError(
-                f"domain_ids has shape {tuple(ids.shape)}: expected one domain per sequence, shape ({batch_size},)."
-            )
-        domains = ids.long().tolist()
-        bad = sorted({d for d in domains if not 0 <= d < len(self.config.domains)})
-        if bad:
-            raise ValueError(
-                f"domain_ids holds unknown domain ids {bad}: this model has {len(self.config.domains)} domains "
-                f"{dict(enumerate(self.config.domains))}."
-            )
-        return domains
-
-    def domain_ids_from_tokens(self, input_ids: torch.Tensor | None) -> torch.Tensor:
-        """The domain of each sequence, read from the domain token at position 1 (right after `[CLS]`); -1 where
-        there is none."""
-        known = dict(zip(self.config.domain_tokens, self.config.domains))
-        if input_ids is None or self.config.domain_token_ids is None:
-            raise ValueError(
-                "No domain given: pass domain_ids (one per sequence) or input_ids that start with a domain token "
-                f"after [CLS]; this model knows {known}."
-            )
-        if input_ids.shape[1] < 2:
-            raise ValueError("input_ids are too short to hold [CLS] followed by a domain token.")
-        token_ids = torch.tensor(self.config.domain_token_ids, device=input_ids.device)
-        matches = input_ids[:, 1, None] == token_ids[None, :]
-        return torch.where(matches.any(dim=1), matches.int().argmax(dim=1), -1)
 
     def domain_token(self, domain: str) -> str:
         return self.config.domain_tokens[self.config.domain_index(domain)]
@@ -670,4 +678,4 @@ def _read_expert_file(path):
 MoEBertConfig.register_for_auto_class()
 MoEBertModel.register_for_auto_class("AutoModel")
 
-__all__ = ["MoEBertModel", "MoEBertPreTrainedModel", "MoEBertLayer", "MoEBertExpert", "ExpertRouting"]
+__all__ = ["MoEBertModel", "MoEBertPreTrainedModel", "MoEBertLayer", "MoEBertExpert", "ExpertRouting", "DomainRouter"]

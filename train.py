@@ -146,6 +146,10 @@ def parse_args(argv=None):
         "co-cited partner",
     )
     parser.add_argument(
+        "--guide_false_negatives", action="store_true", help="also leave out in-batch candidates that the untrained "
+        "model scores above the pair's own positive (GISTEmbed's guided filtering; needs --mask_false_negatives)",
+    )
+    parser.add_argument(
         "--mixed_precision", default=None, choices=["no", "fp16", "bf16"],
         help="default: bf16 where the device computes it natively (CPUs with AVX512-BF16 or AMX, CUDA Ampere+), else no",
     )
@@ -205,6 +209,8 @@ def parse_args(argv=None):
     if Path.cwd().resolve().is_relative_to(Path(args.output_dir).resolve()):
         parser.error("--output_dir must not be the working directory or hold it: the final model is swapped in as a "
                      "whole folder; name a folder below it, e.g. --output_dir outputs/moebert")
+    if args.guide_false_negatives and not args.mask_false_negatives:
+        parser.error("--guide_false_negatives adds to the false-negative masks: drop --no-mask_false_negatives")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
     if args.push_to_hub and constants.HF_HUB_OFFLINE:
@@ -566,6 +572,8 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None", stop: Stop
         raise SystemExit(f"error: {error}") from None
     stems = open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator) if args.reuse_stem_states else None
     dataloader = train_dataloader(train_pairs, model, tokenizer, args, accelerator.num_processes, stems)
+    if args.guide_false_negatives:  # the untrained model guides: its vectors of every train text, once
+        known_pairs.set_guide(guide_vectors(model, tokenizer, train_pairs, known_pairs, args, stems))
     batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
     if args.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
         model.activation_checkpointing_enable({"use_reentrant": False})
@@ -705,6 +713,28 @@ def evaluate_and_keep_best(accelerator, model, tokenizer, datasets, args, card: 
             print(f"early stopping: no better valid {best.metric} in {best.stale} evaluations (best: step {best.step})")
             accelerator.set_trigger()
     accelerator.wait_for_everyone()
+
+
+def guide_vectors(model, tokenizer, train_pairs, known_pairs, args, stems) -> torch.Tensor:
+    """The model's embedding of every train text id (by the domain of a pair it occurs in)."""
+    texts = {}
+    columns = [c for c in ("domain_id", "a", "b", "id_a", "id_b", "hard", "id_hard") if c in train_pairs.column_names]
+    for row in train_pairs.select_columns(columns):
+        pairs = zip([row["a"], row["b"], *row.get("hard", [])], [row["id_a"], row["id_b"], *row.get("id_hard", [])])
+        for text, text_id in pairs:
+            texts.setdefault(text_id, (row["domain_id"], text))
+    if stems is not None:
+        encoder = StemEncoder(model, stems, args.per_device_eval_batch_size)
+    else:
+        encoder = TransformerEncoder(model, tokenizer, args.max_seq_length, args.per_device_eval_batch_size)
+    vectors = torch.zeros(known_pairs.num_texts, model.config.hidden_size)
+    model.eval()
+    for domain_id, domain in enumerate(model.config.domains):
+        ids = [i for i, (d, _) in texts.items() if d == domain_id]
+        if ids:
+            vectors[ids] = torch.from_numpy(encoder.encode([texts[i][1] for i in ids], domain))
+    model.train()
+    return vectors
 
 
 def metric_summary(metrics: dict) -> dict:

@@ -72,6 +72,7 @@ class KnownPairs:
         self.ids_a = [index.setdefault(t, len(index)) for t in texts_a]
         self.ids_b = [index.setdefault(t, len(index)) for t in texts_b]
         self.num_texts = len(index)
+        self.guide = None  # unit vectors of every text by a guide model, see set_guide
         pairs = torch.tensor([self.ids_a, self.ids_b], dtype=torch.long)
         keys = torch.cat([pairs[0] * self.num_texts + pairs[1], pairs[1] * self.num_texts + pairs[0]])
         self.positive_keys = torch.unique(keys)  # sorted
@@ -117,10 +118,21 @@ class KnownPairs:
             drawn.append(chosen[:count])
         return drawn, short
 
+    def set_guide(self, vectors: torch.Tensor):
+        """Guided false-negative filtering (GISTEmbed, Solatorio 2024): with a guide model's vector of every text id,
+        candidates the guide scores above the anchor's own positive are also left out of the loss, as likely
+        unlabelled positives."""
+        self.guide = F.normalize(vectors.float(), dim=-1)
+
     def _false(self, anchors, positives, candidates):
         same_text = (candidates[None, :] == anchors[:, None]) | (candidates[None, :] == positives[:, None])
         keys = anchors[:, None] * self.num_texts + candidates[None, :]
-        return same_text | torch.isin(keys, self.positive_keys.to(keys.device))
+        false = same_text | torch.isin(keys, self.positive_keys.to(keys.device))
+        if self.guide is not None:
+            guide = self.guide.to(anchors.device)
+            positive_score = (guide[anchors] * guide[positives]).sum(-1, keepdim=True)
+            false |= guide[anchors] @ guide[candidates].T > positive_score
+        return false
 
 
 # ------------------------------------------------------------------------------------------------ pairs and batches
@@ -313,7 +325,7 @@ def link_tree(source: Path, target: Path):
 CARD_TEMPLATE = """
 # {model_name}
 
-A MoE-BERT sentence encoder: the feed-forward blocks of {base} copied into one
+A MoE-BERT sentence encoder: the feed-forward blocks of {base} ({layers}) copied into one
 expert per domain and trained contrastively (multiple negatives ranking loss) on co-cited abstracts with
 MoEBERT's `train.py`. Each text goes through its own domain's expert.
 
@@ -402,6 +414,8 @@ def model_card(card: dict, config) -> str:
     text = CARD_TEMPLATE.format(
         model_name=name, base=f"[{base}](https://huggingface.co/{base})" if is_hub_id(base or "") else f"`{base}`", repo=card["args"].get("hub_model_id") or name, domains=", ".join(card["domains"]),
         domain=card["domains"][0], step=card["step"], datasets=card["datasets"], metrics_step=metrics.get("step", card["step"]),
+        layers="every layer" if len(config.moe_layers) == config.num_hidden_layers else
+        f"layer{'s' if len(config.moe_layers) > 1 else ''} {', '.join(map(str, config.moe_layers))} of {config.num_hidden_layers}",
         validation=validation, selection=selection, calibration=calibration, args=json.dumps(card["args"], indent=2, default=str),
     )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{text}"))

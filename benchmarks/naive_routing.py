@@ -24,17 +24,17 @@ class NaiveExpertRouting:
         return output
 
 
-def naive_route(model, input_ids, token_type_ids, domain_ids, shape):
-    """MoEBertModel.route without the grouping: every token keeps its place and its expert id."""
-    if model.routes_per_token(domain_ids):
-        return NaiveExpertRouting(model.token_expert_ids(token_type_ids, domain_ids, shape)), None
-    domains = torch.tensor(model.sequence_domains(input_ids, domain_ids, shape[0]), device=model.device)
-    expert_ids = domains[:, None].expand(shape) if model.config.num_experts > 1 else torch.zeros(shape, dtype=torch.long)
+def naive_route(router, input_ids, token_type_ids, domain_ids, shape, device):
+    """DomainRouter.route without the grouping: every token keeps its place and its expert id."""
+    if router.routes_per_token(domain_ids):
+        return NaiveExpertRouting(router.token_expert_ids(token_type_ids, domain_ids, shape, device)), None
+    domains = torch.tensor(router.sequence_domains(input_ids, domain_ids, shape[0]), device=device)
+    expert_ids = domains[:, None].expand(shape) if router.config.num_experts > 1 else torch.zeros(shape, dtype=torch.long)
     return NaiveExpertRouting(expert_ids), None
 
 
 @contextmanager
 def naive_routing():
     """Within this block, MoE-BERT models run every expert on every token."""
-    with mock.patch.object(modeling_moebert.MoEBertModel, "route", naive_route):
+    with mock.patch.object(modeling_moebert.DomainRouter, "route", naive_route):
         yield

@@ -100,6 +100,21 @@ def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
+def test_a_guide_leaves_out_candidates_it_scores_above_the_positive(tiny_bert, tiny_data, tmp_path):
+    known = training.KnownPairs(["p", "r"], ["q", "s"])  # pairs p-q, r-s; text ids p0 r1 q2 s3
+    ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
+    assert known.masks(ids_a, ids_b)[0].tolist() == [[False, False], [False, False]]
+    # guide cosines: p-q 0.6, p-s 0.8, r-s 0.6, r-q 0.8: each anchor's other candidate beats its own positive
+    known.set_guide(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]]))
+    a_to_b, b_to_a = known.masks(ids_a, ids_b)
+    assert a_to_b.tolist() == [[False, True], [True, False]]
+    assert b_to_a.tolist() == [[False, True], [True, False]]  # q: p 0.6 < r 0.8; s: r 0.6 < p 0.8
+    known.set_guide(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]))  # positives closest: all kept
+    assert [m.tolist() for m in known.masks(ids_a, ids_b)] == [[[False, False], [False, False]]] * 2
+    card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--guide_false_negatives")
+    assert card["step"] == 2 and card["args"]["guide_false_negatives"]
+
+
 @pytest.mark.parametrize("dropout, hard_negatives", [(False, 0), (True, 0), (False, 1)])
 def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout, hard_negatives):
     from accelerate import Accelerator
@@ -760,6 +775,7 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
         assert results[(domain, "roc_auc")] == round(state["metrics"][domain]["roc_auc"], 4)
     assert 'prompt_name="CVD"' in card.text and "model.prepend_domain_token" in card.text and "Hallee" in card.text
     assert "model.cocitation_probability(cosine" in card.text  # train.py calibrates every model it saves
+    assert "of tiny-bert0 (layers 2, 3 of 4) copied into one" in card.text.replace("`", "")
 
 
 def test_the_card_names_the_licence_of_the_embedded_base():
