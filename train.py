@@ -659,6 +659,7 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None", stop: Stop
             if stop.agreed(accelerator):
                 if not (output_dir / f"checkpoint-{step}").is_dir():
                     save_checkpoint(accelerator, model, tokenizer, output_dir, step, card, args, pusher)
+                progress.close()
                 raise TrainingStopped(stop.signum, step, output_dir / f"checkpoint-{step}")
             if step >= max_steps or stop_early:
                 break

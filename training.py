@@ -541,7 +541,7 @@ class HubPusher:
             print(f"{len(failed)} pushes to {self.repo_id} did not arrive (warnings above): "
                   f"{', '.join(repr(m) for m in failed)}", file=sys.stderr, flush=True)
         if pending:
-            print(f"{pending} uploads to {self.repo_id} were still under way after {timeout:.0f} s and are abandoned; "
+            print(f"{pending} uploads to {self.repo_id} were still under way after {timeout:g} s and are abandoned; "
                   "the local files are intact", file=sys.stderr, flush=True)
         if failed or pending:
             return

@@ -717,6 +717,24 @@ def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_p
     assert (tmp_path / "model.safetensors").read_text() == "step 3"  # local files untouched
 
 
+def test_after_a_stop_queued_uploads_are_awaited_for_a_bounded_time(tmp_path, capsys):
+    import threading
+    import time
+
+    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
+    release = threading.Event()
+    pusher.api.create_repo = lambda *args, **kwargs: None
+    pusher.api.upload_folder = lambda **kwargs: release.wait(30)  # a network that hangs
+    (tmp_path / "model.safetensors").write_text("step 1")
+    pusher.push(tmp_path, ["model.safetensors"], "", "step 1")
+    started = time.monotonic()
+    pusher.finish(completed=False, timeout=0.5)
+    assert time.monotonic() - started < 5  # it did not wait for the hung upload
+    err = capsys.readouterr().err
+    assert "1 uploads to lab/moebert-test were still under way after 0.5 s and are abandoned" in err
+    release.set()
+
+
 def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):
     from fake_hub import FakeHub
 
