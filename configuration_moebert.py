@@ -127,5 +127,19 @@ class MoEBertConfig(BertConfig):
             raise ValueError(f"unknown domain {domain!r}: this model knows {self.domains}.")
         return self.domains.index(domain)
 
+    def calibration_parameters(self, domain: str) -> tuple[float, float]:
+        """(a, b) of the domain's calibration, `sigmoid(a * cosine + b)`; a ValueError saying why there is none."""
+        self.domain_index(domain)  # an unknown domain: ValueError naming the known ones
+        parameters = (self.calibration or {}).get("parameters", {})
+        if domain not in parameters:
+            raise ValueError(
+                f"no calibration for domain {domain!r}: " + (
+                    "this model was not calibrated, its similarities are cosines, not probabilities"
+                    if not parameters else "its expert changed after the calibration was fitted"
+                ) + "; fit one with `python eval.py calibrate --model PATH`."
+            )
+        a, b = parameters[domain]
+        return a, b
+
 
 __all__ = ["MoEBertConfig"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs
 from defaults import default_base_model
-from encoders import RemoteCodeError, autocast, default_device, load_encoder, normalise
+from encoders import BACKENDS, RemoteCodeError, autocast, default_device, load_encoder, normalise
 from metrics import (
     BOOTSTRAP_METRICS,
     OneClassError,
@@ -223,7 +223,7 @@ def calibrate(argv: list[str]):
     parser.add_argument("--model", required=True, help="a local MoE-BERT folder (its config.json is rewritten)")
     parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
     parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default: 32 on torch, 8 on ONNX Runtime, where less padding pays)")
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
     args = parser.parse_args(argv)
@@ -241,7 +241,7 @@ def calibrate(argv: list[str]):
     with autocast(args.device, args.precision):
         _, scored = evaluate_model(encoder, datasets, "valid")
     calibration = fit_calibration(scored, "eval.py calibrate")
-    config = encoder.model.config
+    config = encoder.config
     config.calibration = calibration
     config.save_pretrained(folder / ".tmp-config")
     os.replace(folder / ".tmp-config" / "config.json", folder / "config.json")
@@ -383,7 +383,7 @@ def main(argv=None):
     parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default: 32 on torch, 8 on ONNX Runtime, where less padding pays)")
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the accelerator if there is one)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="encode under bf16 "
                         "autocast (auto: where bf16 is native); the reported figures are fp32")
@@ -391,6 +391,8 @@ def main(argv=None):
         "--trust_remote_code", action="store_true", help="let a model that is no MoE-BERT run Python code from its own "
         "repository (MoE-BERT folders are loaded with this project's classes and never need it)",
     )
+    parser.add_argument("--backend", default="torch", choices=BACKENDS, help="onnx: MoE-BERT models run on ONNX "
+                        "Runtime with int8 weights, exported on first use (an export folder is always run so)")
     parser.add_argument("--output_dir", type=Path, default=Path("eval_results"))
     parser.add_argument("--bootstrap", type=int, default=0, metavar="N", help="resamples for the gains' 95%% intervals")
     parser.add_argument(
@@ -416,7 +418,8 @@ def main(argv=None):
     for label, path in models.items():
         print(f"model {label}: {path}")
         try:
-            encoder = load_encoder(path, args.max_seq_length, args.batch_size, args.device, args.trust_remote_code)
+            encoder = load_encoder(path, args.max_seq_length, args.batch_size, args.device, args.trust_remote_code,
+                                   args.backend)
         except RemoteCodeError as error:
             parser.error(str(error))
         except (OSError, ValueError) as error:  # unknown id, no network, not a model folder
@@ -427,7 +430,7 @@ def main(argv=None):
             results[label], scored = evaluate_model(encoder, datasets, args.split)
         predictions |= {(label, domain): arrays[args.split] for domain, arrays in scored.items()}
         if args.split == "test" and scored:
-            stored = getattr(getattr(getattr(encoder, "model", None), "config", None), "calibration", None)
+            stored = getattr(getattr(encoder, "config", None), "calibration", None)
             report, calibrated = calibration_report(scored, args.split, stored or fit_calibration(scored, "eval.py"))
             results[label]["calibration"] = report
             if stored:  # the model's own probabilities, scored beside its cosines (and against the references)

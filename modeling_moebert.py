@@ -370,16 +370,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
         """The probability that two texts of `domain` whose embeddings have this cosine similarity are co-cited, by
         the domain's calibration (fitted on `valid` pairs, co-cited and random in equal numbers): one threshold, e.g.
         0.5, then means the same in every domain, where cosines do not."""
-        self.config.domain_index(domain)  # an unknown domain: ValueError naming the known ones
-        parameters = (self.config.calibration or {}).get("parameters", {})
-        if domain not in parameters:
-            raise ValueError(
-                f"no calibration for domain {domain!r}: " + (
-                    "this model was not calibrated, its similarities are cosines, not probabilities"
-                    if not parameters else "its expert changed after the calibration was fitted"
-                ) + "; fit one with `python eval.py calibrate --model PATH`."
-            )
-        a, b = parameters[domain]
+        a, b = self.config.calibration_parameters(domain)
         return torch.sigmoid(a * torch.as_tensor(cosine, dtype=torch.float32) + b)
 
     # -------------------------------------------------------------------------------- dense <-> MoE weights

@@ -23,7 +23,6 @@ From Python:
 """
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -36,7 +35,9 @@ from tqdm.auto import tqdm
 from data.cocitation import read_table
 from data.loading import SAMPLE_DIR
 from defaults import default_base_model, public_name
-from encoders import TransformerEncoder, autocast, default_device, normalise
+from encoders import (BACKENDS, TransformerEncoder, autocast, default_backend, default_device, model_fingerprint, normalise,
+                      weights_fingerprint)
+from onnx_backend import ExportError, cached_onnx_encoder, load_onnx_encoder
 
 DEFAULT_INDEX_DIR = Path("search_index")
 DEFAULT_TRAINED = Path("outputs/moebert")  # what `python train.py` writes
@@ -102,43 +103,43 @@ def shipped_papers() -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def load_encoder(spec: str | None, max_seq_length: int, batch_size: int, device: str):
-    """(encoder, model name as recorded, fingerprint of its weights)."""
+def load_encoder(spec: str | None, max_seq_length: int, batch_size: int, device: str, backend: str = "torch",
+                 quantize: str = "int8"):
+    """(encoder, model name as recorded, fingerprint of its weights); `backend="onnx"`: ONNX Runtime, from an export
+    folder or the model's cached export with `quantize` weights (see onnx_backend)."""
     if spec is None:
         spec = str(DEFAULT_TRAINED) if (DEFAULT_TRAINED / "config.json").exists() else EMBEDDED_MODEL
     if spec == EMBEDDED_MODEL:
-        from modeling_moebert import MoEBertModel
-
         domains = sorted(p.name for p in SAMPLE_DIR.iterdir() if p.is_dir())
-        model, tokenizer = MoEBertModel.from_bert(default_base_model(), domains=domains)
-        encoder = TransformerEncoder(model.to(device).eval(), tokenizer, max_seq_length, batch_size)
-        return encoder, spec, _fingerprint(default_base_model(), domains)
+        fingerprint = weights_fingerprint(default_base_model(), domains)
+
+        def upcycled():
+            from modeling_moebert import MoEBertModel
+
+            return MoEBertModel.from_bert(default_base_model(), domains=domains)
+
+        if backend == "onnx":
+            encoder = cached_onnx_encoder(fingerprint, upcycled, max_seq_length, batch_size, quantize, source=spec)
+            return encoder, spec, fingerprint
+        model, tokenizer = upcycled()
+        return TransformerEncoder(model.to(device).eval(), tokenizer, max_seq_length, batch_size), spec, fingerprint
     try:
+        if backend == "onnx":
+            encoder = load_onnx_encoder(spec, max_seq_length, batch_size, quantize)
+            return encoder, spec, encoder.fingerprint
         encoder = TransformerEncoder.from_pretrained(spec, max_seq_length, batch_size, device)
     except (OSError, ValueError) as error:
         raise SearchError(f"--model {spec!r} cannot be loaded: {str(error).splitlines()[0]}") from None
     if not encoder.is_moebert:
         raise SearchError(f"--model {spec!r} is no MoE-BERT: search routes each paper to its domain's expert.")
-    commit = getattr(encoder.model.config, "_commit_hash", None)
-    fingerprint = f"{spec}@{commit}" if commit and not Path(spec).exists() else _fingerprint(spec, [])
-    return encoder, spec, fingerprint
-
-
-def _fingerprint(folder: str, domains: list[str]) -> str:
-    """sha256 over the folder's weight files (and the domains of an upcycled model): same vectors, same print."""
-    digest = hashlib.sha256(json.dumps(domains).encode())
-    for weights in sorted(Path(folder).glob("*.safetensors")):
-        with open(weights, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return "sha256:" + digest.hexdigest()
+    return encoder, spec, model_fingerprint(spec)
 
 
 def embed(encoder, texts: list[str], domains: list[str]) -> np.ndarray:
     """Unit vectors, each text through its own domain's expert (encoders without experts, such as `eval.py`'s
     TF-IDF or sentence-transformers ones, ignore the domain); a (text, domain) seen twice is encoded once."""
     if getattr(encoder, "is_moebert", False):
-        model_domains = encoder.model.config.domains
+        model_domains = encoder.config.domains
         unknown = sorted(set(domains) - set(model_domains))
         if unknown:
             raise SearchError(f"domain {unknown[0]!r} is not one of the model's domains {model_domains}.")
@@ -227,7 +228,8 @@ def build_index(args) -> dict:
     """Embed the papers not yet in the index's chunks, then add every chunk not yet in the FAISS index."""
     out = Path(args.output_dir)
     papers = read_papers(args.papers)
-    encoder, model_name, fingerprint = load_encoder(args.model, args.max_seq_length, args.batch_size, args.device)
+    encoder, model_name, fingerprint = load_encoder(args.model, args.max_seq_length, args.batch_size, args.device,
+                                                    args.backend)
     manifest = _manifest_for(out, args, model_name, fingerprint, encoder)
     done = _chunk_ids(out)
     if args.add:
@@ -262,10 +264,10 @@ def _manifest_for(out: Path, args, model_name: str, fingerprint: str, encoder) -
     manifest = {
         # the manifest may be published: the model by a public name, and where it is relative to the index, if near
         "model": public_name(model_name), "model_path": nearby_path(model_name, out), "fingerprint": fingerprint,
-        "dimension": encoder.model.config.hidden_size,
+        "dimension": encoder.config.hidden_size,
         "normalized": True, "metric": "inner_product", "index_type": args.index_type,
-        "max_seq_length": args.max_seq_length, "domains": list(encoder.model.config.domains),
-        "precision": args.precision,
+        "max_seq_length": args.max_seq_length, "domains": list(encoder.config.domains),
+        "precision": args.precision, "backend": args.backend,
     }
     existing = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
     if existing is None and args.add:
@@ -385,8 +387,8 @@ class PaperIndex:
 
     @classmethod
     def load(cls, folder=DEFAULT_INDEX_DIR, model: str | None = None, device: str | None = None, nprobe: int = 64,
-             rerank: int = 10):
-        """`nprobe`, `rerank`: IVF-PQ only. Its `top_k * rerank` best candidates by compressed codes are re-scored
+             rerank: int = 10, backend: str | None = None):
+        """`backend`: torch or onnx, by default the one the index was built with. `nprobe`, `rerank`: IVF-PQ only. Its `top_k * rerank` best candidates by compressed codes are re-scored
         exactly from the stored vectors (memory-mapped, so only those rows are read); `rerank=0` keeps PQ scores."""
         import faiss
 
@@ -398,7 +400,7 @@ class PaperIndex:
         try:
             encoder, name, fingerprint = load_encoder(
                 model or (str(nearby) if nearby and nearby.is_dir() else manifest["model"]), manifest["max_seq_length"],
-                32, device or default_device(),
+                None, device or default_device(), backend or manifest.get("backend", "torch"),
             )
         except SearchError:
             if model:
@@ -428,7 +430,7 @@ class PaperIndex:
             domains, probabilities = self.classifier.predict(texts)
         else:
             domains, probabilities = [domain] * len(texts), [None] * len(texts)
-        with autocast(str(self.encoder.model.device), self.manifest.get("precision", "fp32")):
+        with autocast(self.encoder.device, self.manifest.get("precision", "fp32")):
             vectors = embed(self.encoder, texts, domains)
         if self.stored is None:
             scores, rows = self.faiss_index.search(vectors, top_k)
@@ -448,10 +450,10 @@ class PaperIndex:
     def cocitation_probability(self, cosine: float, query_domain: str, paper_domain: str) -> float | None:
         """The model's calibrated probability that the query and a paper of its own domain are co-cited; None for a
         model without calibration for that domain, or a paper of another domain (calibrated on same-domain pairs)."""
-        calibrated = (self.encoder.model.config.calibration or {}).get("parameters", {})
+        calibrated = (self.encoder.config.calibration or {}).get("parameters", {})
         if paper_domain != query_domain or query_domain not in calibrated:
             return None
-        return float(self.encoder.model.cocitation_probability(cosine, query_domain))
+        return self.encoder.cocitation_probability(cosine, query_domain)
 
 
 class StoredVectors:
@@ -536,22 +538,27 @@ def main(argv=None):
     query.add_argument("--json", action="store_true", help="one JSON object per query")
     for sub in (index, query):
         sub.add_argument("--max_seq_length", type=int, default=256)
-        sub.add_argument("--batch_size", type=int, default=32)
+        sub.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default: 32 on torch, 8 on ONNX Runtime, where less padding pays)")
         sub.add_argument("--device", default=None, help="default: the accelerator if there is one")
+        sub.add_argument("--backend", default=None, choices=BACKENDS, help="onnx: ONNX Runtime with int8 weights (a "
+                         "MoE-BERT is exported once, on first use; an export folder can be given as --model); default: "
+                         + ("the index's" if sub is query else "onnx on a CPU, torch on an accelerator"))
     index.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                        help="auto: bf16 autocast where bf16 is native (queries then use the same)")
     args = parser.parse_args(argv)
     args.device = args.device or default_device()
     try:
         if args.command == "index":
+            args.backend = args.backend or default_backend(args.device)
             return build_index(args)
         texts = (args.text or []) + (read_queries(args.queries) if args.queries else [])
         if not texts:
             parser.error("query needs --text or --queries")
-        results = PaperIndex.load(args.index, args.model, args.device, args.nprobe, args.rerank).search(texts, args.domain, args.top_k)
+        index = PaperIndex.load(args.index, args.model, args.device, args.nprobe, args.rerank, args.backend)
+        results = index.search(texts, args.domain, args.top_k)
         print_results(texts, results, args.json)
         return results
-    except SearchError as error:
+    except (SearchError, ExportError) as error:
         raise SystemExit(f"error: {error}") from None
 
 

@@ -1,68 +1,197 @@
-"""Texts per second of the path users call to embed a collection, against sentence-transformers, in one run.
+"""Texts per second of every way to embed a collection on this CPU, side by side in one run.
 
     python benchmarks/bench_encode.py [--texts 2000] [--max_seq_length 256] [--batch_size 32]
+                                      [--model PATH] [--st_onnx_python .venv-st-onnx/bin/python]
 
-Both sides embed the same SYNERGY abstracts (the first N shipped papers by id) with all-MiniLM-L6-v2 at the same
-length: `SentenceTransformer(...).encode(texts, batch_size=32)` in fp32, and `search.embed` (the embedded model
-upcycled into the SYNERGY domains, each text through its domain's expert, which at initialisation is the base) in
-fp32 and under bf16 autocast. Prints texts/s, the ratio to sentence-transformers, the mean cosine of each vector to
-sentence-transformers' (below 1: the MoE path reads the domain token, a [CLS] copy, in its mean), and the lowest
-cosine of each bf16 vector to its fp32 twin.
+Every row embeds the same SYNERGY abstracts (the first N shipped papers by id) at the same length, in a fresh
+process of its own (so each reports its own peak memory), after a warm-up on 64 texts:
+
+- sentence-transformers `encode` of the base (all-MiniLM-L6-v2), fp32: the reference;
+- sentence-transformers' own ONNX backend on the base, int8 weights (`export_dynamic_quantized_onnx_model`,
+  the config for this CPU): the alternative a user would pick. It needs `optimum-onnx`, which requires
+  transformers < 4.58, so it runs in its own environment (benchmarks/requirements-st-onnx.txt) given by
+  `--st_onnx_python`; without it the row is skipped;
+- ours (`search.embed`: each text through its domain's expert; `--model`, default the embedded base upcycled into
+  the SYNERGY domains) on torch fp32, torch under bf16 autocast (where bf16 is native), ONNX Runtime fp32 and ONNX
+  Runtime int8 (onnx_backend; exported in a process of its own before, the export time printed apart).
+
+Prints texts/s, the ratio to the reference, the lowest cosine of each vector to its fp32 twin (ours: torch fp32;
+sentence-transformers' ONNX: its own fp32) and the process's peak memory. The rows that use no bf16 are what a CPU
+without native bf16 gets.
 """
 
 import argparse
+import json
+import os
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+ROWS = {
+    "st-fp32": "sentence-transformers encode, fp32",
+    "st-onnx-int8": "sentence-transformers ONNX, int8",
+    "torch-fp32": "ours, torch fp32",
+    "torch-bf16": "ours, torch bf16 autocast",
+    "onnx-fp32": "ours, ONNX Runtime fp32",
+    "onnx-int8": "ours, ONNX Runtime int8",
+}
+TWIN = {"st-onnx-int8": "st-fp32", "torch-bf16": "torch-fp32", "onnx-fp32": "torch-fp32", "onnx-int8": "torch-fp32"}
 
-from defaults import default_base_model  # noqa: E402
-from encoders import bf16_is_native  # noqa: E402
-from search import EMBEDDED_MODEL, embed, load_encoder, shipped_papers  # noqa: E402
+
+# ------------------------------------------------------------------------------------------------ one row, in a child
 
 
-def timed(function) -> tuple[float, np.ndarray]:
+def sentence_transformer(args, backend: str):
+    from sentence_transformers import SentenceTransformer
+
+    if backend == "torch":
+        return SentenceTransformer(args.base, device="cpu")
+    from sentence_transformers import export_dynamic_quantized_onnx_model
+
+    copy = Path(args.work) / "st-onnx-base"  # exported beside a copy: the base's own folder stays untouched
+    if not copy.exists():
+        import shutil
+
+        shutil.copytree(args.base, copy)
+        SentenceTransformer(str(copy), backend="onnx", device="cpu").save_pretrained(str(copy))  # writes onnx/model.onnx
+        model = SentenceTransformer(str(copy), backend="onnx", device="cpu")
+        export_dynamic_quantized_onnx_model(model, "avx512_vnni" if avx512_vnni() else "avx2", str(copy))
+    quantized = next(p.name for p in (copy / "onnx").glob("model_qint8_*.onnx"))
+    return SentenceTransformer(str(copy), backend="onnx", device="cpu", model_kwargs={"file_name": f"onnx/{quantized}"})
+
+
+def avx512_vnni() -> bool:
+    return "avx512_vnni" in Path("/proc/cpuinfo").read_text()
+
+
+def our_embed(args, row: str):
+    """(embed function of texts and domains, the seconds spent loading and exporting before it, the batch size). ONNX exports
+    land in a cache inside the run's work folder: the first call exports, later ones reuse."""
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from search import EMBEDDED_MODEL, embed, load_encoder
+
+    os.environ["MOEBERT_CACHE"] = str(Path(args.work) / "cache")
     started = time.perf_counter()
-    result = function()
-    return time.perf_counter() - started, result
+    backend, precision = row.split("-")
+    encoder, _, _ = load_encoder(args.model or EMBEDDED_MODEL, args.max_seq_length, args.batch_size, "cpu", backend,
+                                 "none" if precision == "fp32" else "int8")
+    setup = time.perf_counter() - started
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def run(texts, domains):
+        with autocast:
+            return embed(encoder, texts, domains)
+
+    return run, setup, encoder.batch_size
+
+
+def run_row(args):
+    texts_and_domains = json.loads(Path(args.texts_file).read_text())
+    texts, domains = texts_and_domains["texts"], texts_and_domains["domains"]
+    if args.prepare:  # the export, in a process of its own: its memory is not the encoding's
+        print(json.dumps({"setup": our_embed(args, args.row)[1]}))
+        return
+    if args.row.startswith("st-"):
+        model = sentence_transformer(args, "torch" if args.row == "st-fp32" else "onnx")
+        model.max_seq_length = args.max_seq_length
+        setup, batch_size = 0.0, args.batch_size or 32  # sentence-transformers' default
+
+        def run(texts, domains):
+            return model.encode(texts, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
+    else:
+        run, setup, batch_size = our_embed(args, args.row)
+    first_of_each_domain = sorted({d: i for i, d in reversed(list(enumerate(domains)))}.values())
+    run([texts[i] for i in first_of_each_domain], [domains[i] for i in first_of_each_domain])  # lazy loads, first calls
+    started = time.perf_counter()
+    vectors = run(texts, domains)
+    seconds = time.perf_counter() - started
+    np.save(Path(args.work) / f"{args.row}.npy", np.asarray(vectors, dtype=np.float32))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"seconds": seconds, "setup": setup, "peak_mib": peak, "batch_size": batch_size}))
+
+
+# ------------------------------------------------------------------------------------------------ the table
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=None, help="default: each row's own (32; ONNX Runtime 8)")
+    parser.add_argument("--model", default=None, help="a MoE-BERT (default: the embedded base upcycled)")
+    parser.add_argument("--st_onnx_python", default=None, help="python of an environment with "
+                        "benchmarks/requirements-st-onnx.txt installed, for sentence-transformers' ONNX row")
+    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # a child process: run this row
+    parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # a child process: export only
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--texts_file", help=argparse.SUPPRESS)
+    parser.add_argument("--base", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from sentence_transformers import SentenceTransformer
+    if args.row:
+        return run_row(args)
+
+    sys.path.insert(0, str(ROOT))
+    import torch
+
+    from defaults import default_base_model
+    from encoders import bf16_is_native
+    from search import shipped_papers
 
     papers = shipped_papers().head(args.texts)
-    texts, domains = papers["text"].tolist(), papers["domain"].tolist()
-    print(f"{len(texts)} SYNERGY abstracts, {args.max_seq_length} tokens at most, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, bf16 native on this CPU: {bf16_is_native('cpu')}")
+    bf16 = bf16_is_native("cpu")
+    print(f"{len(papers)} SYNERGY abstracts, {args.max_seq_length} tokens at most, "
+          f"{torch.get_num_threads()} threads; bf16 native on this CPU: {bf16}; AVX512-VNNI: {avx512_vnni()}")
+    rows = [r for r in args.rows.split(",") if r in ROWS and (r != "torch-bf16" or bf16)]
+    if "st-onnx-int8" in rows and not args.st_onnx_python:
+        print("skipping sentence-transformers ONNX: give --st_onnx_python (see benchmarks/requirements-st-onnx.txt)")
+        rows.remove("st-onnx-int8")
+    results = {}
+    with tempfile.TemporaryDirectory() as work:
+        texts_file = Path(work) / "texts.json"
+        texts_file.write_text(json.dumps({"texts": papers["text"].tolist(), "domains": papers["domain"].tolist()}))
+        for row in rows:
+            python = args.st_onnx_python if row == "st-onnx-int8" else sys.executable
+            command = [python, __file__, "--row", row, "--work", work, "--texts_file", str(texts_file),
+                       "--base", default_base_model(), "--max_seq_length", str(args.max_seq_length),
+                       ] + (["--batch_size", str(args.batch_size)] if args.batch_size else []) + (
+                       ["--model", args.model] if args.model else [])
+            print(f"running {ROWS[row]} ...", flush=True)
+            prepared = child(command + ["--prepare"]) if row.startswith("onnx") else {}
+            results[row] = child(command)
+            if results[row] is None:
+                del results[row]
+                continue
+            results[row] |= prepared or {}
+            results[row]["vectors"] = np.load(Path(work) / f"{row}.npy")
+        print_table(results, len(papers))
 
-    reference_model = SentenceTransformer(default_base_model(), device="cpu")
-    reference_model.max_seq_length = args.max_seq_length
-    encoder, _, _ = load_encoder(EMBEDDED_MODEL, args.max_seq_length, args.batch_size, "cpu")
-    warm = texts[:64]
-    reference_model.encode(warm, batch_size=args.batch_size)
-    embed(encoder, warm, domains[:64])
 
-    rows = [("sentence-transformers encode, fp32", *timed(
-        lambda: reference_model.encode(texts, batch_size=args.batch_size, normalize_embeddings=True)))]
-    reference = rows[0][2]
-    rows.append(("search.embed, fp32", *timed(lambda: embed(encoder, texts, domains))))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        rows.append(("search.embed, bf16 autocast", *timed(lambda: embed(encoder, texts, domains))))
+def child(command: list[str]) -> dict | None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        print(f"  failed:\n{done.stderr[-2000:]}")
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    fp32 = rows[1][2]
-    print(f"\n{'':36} {'texts/s':>8} {'vs ST':>7} {'mean cos to ST':>15} {'min cos to fp32 embed':>22}")
-    for name, seconds, vectors in rows:
-        print(f"{name:36} {len(texts) / seconds:8.1f} {rows[0][1] / seconds:6.2f}x "
-              f"{(vectors * reference).sum(axis=1).mean():15.4f} {(vectors * fp32).sum(axis=1).min():22.5f}")
+
+def print_table(results: dict, count: int):
+    reference = results.get("st-fp32", {}).get("seconds")
+    print(f"\n{'':36} {'texts/s':>8} {'vs ST fp32':>10} {'min cos to fp32 twin':>21} {'peak MiB':>9} {'batch':>6} {'export s':>9}")
+    for row, result in results.items():
+        ratio = f"{reference / result['seconds']:9.2f}x" if reference else f"{'':>10}"
+        twin = results.get(TWIN.get(row))
+        cosine = f"{(result['vectors'] * twin['vectors']).sum(axis=1).min():21.5f}" if twin else f"{'':>21}"
+        export = f"{result['setup']:9.1f}" if row.startswith("onnx") else ""
+        print(f"{ROWS[row]:36} {count / result['seconds']:8.1f} {ratio} {cosine} {result['peak_mib']:9.0f} {result['batch_size']:6} {export}")
 
 
 if __name__ == "__main__":

@@ -93,7 +93,7 @@ def main():
         with autocast(args.device, args.precision):
             collection = embed(encoder, texts, domains)
             results[label] = scores(collection, collection, partners, domains, domains)
-            if getattr(encoder, "is_moebert", False) and encoder.model.config.num_experts > 1:
+            if getattr(encoder, "is_moebert", False) and encoder.config.num_experts > 1:
                 queries = embed(encoder, texts, predicted)
                 results[f"{label}, predicted domain"] = scores(collection, queries, partners, predicted, domains)
                 merged = merged_over_experts(encoder, texts, collection, domains)

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MOEBERT_CACHE", tempfile.mkdtemp(prefix="moebert-cache-"))  # ONNX exports stay out of ~/.cache
 
 from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
 

@@ -1,0 +1,314 @@
+"""ONNX Runtime backend: each domain's expert as an ONNX graph, optionally with int8 weights, for fast CPU encoding.
+
+    python onnx_backend.py export --model outputs/moebert --output_dir outputs/moebert-onnx [--quantize int8|none]
+                                  [--domains Chou_2004,Oud_2018]
+
+A MoE-BERT sends a whole text through one domain's expert, so for one domain it is a plain BERT
+(`MoEBertModel.extract_expert`). Each graph is that BERT with the model's pooling on top: the token ids of texts that
+start with the domain token and their attention mask in, the pooled embedding out (the MoE-BERT's `pooler_output` for
+that domain). torch.onnx exports it, onnxruntime's transformer optimizer fuses it for BERT (one Attention op per
+layer), and with `--quantize int8` (the default) onnxruntime's dynamic quantizer stores the weights as int8, per
+channel (activations are quantized as the graph runs). The folder holds the graphs, the tokenizer, the MoE-BERT's
+config (domains, calibration) and `onnx_manifest.json`, which names the fingerprint of the weights it was exported
+from; every graph carries the same fingerprint and its domain in its own metadata, so a graph from another model or
+another domain is refused.
+
+`eval.py` and `search.py` take `--backend onnx`: given an export folder they use it; given a MoE-BERT they export it
+on first use into a cache keyed by its weights' fingerprint ($MOEBERT_CACHE/onnx, default ~/.cache/moebert/onnx)
+and reuse it afterwards.
+"""
+
+import argparse
+import functools
+import gc
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from defaults import public_name
+
+MANIFEST = "onnx_manifest.json"
+EXPORT_FORMAT = 1  # part of the cache key: a change to what a graph computes must not reuse older exports
+QUANTIZE_CHOICES = ("int8", "none")
+DEFAULT_BATCH_SIZE = 8  # when the caller gives None: less padding than 32, 52 against 44 texts/s (docs/speed.md)
+
+
+class ExportError(ValueError):
+    """An ONNX export that cannot serve what was asked; the message names the problem and the fix."""
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+class PooledExpert(torch.nn.Module):
+    """One domain's expert (a plain BertModel) with the MoE-BERT's pooling on top: the module that is exported."""
+
+    def __init__(self, expert, pool):
+        super().__init__()
+        self.expert, self.pool = expert, pool
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.expert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.pool(hidden, attention_mask)
+
+
+def export(model, tokenizer, fingerprint: str, output_dir, quantize: str = "int8", domains=None, source=None) -> Path:
+    """Write the ONNX export of `model` (a MoE-BERT) for `domains` (default: all) to `output_dir`; the folder
+    appears complete or not at all. `fingerprint` names the weights (see encoders.model_fingerprint)."""
+    from training import replace_folder
+
+    if quantize not in QUANTIZE_CHOICES:
+        raise ExportError(f"--quantize {quantize!r}: choose one of {list(QUANTIZE_CHOICES)}.")
+    domains = list(domains or model.config.domains)
+    for domain in domains:
+        model.config.domain_index(domain)  # an unknown domain: ValueError naming the known ones
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
+    try:
+        graphs = {}
+        for domain in tqdm(domains, desc=f"exporting to ONNX ({quantize})", unit="domain"):
+            graphs[domain] = graph_file_name(model.config.domain_index(domain), domain)
+            export_domain(model, tokenizer, domain, work / graphs[domain], quantize, fingerprint)
+            gc.collect()  # the exporter leaves reference cycles holding each graph: 0.5 GB a domain otherwise
+        tokenizer.save_pretrained(work)
+        model.config.save_pretrained(work)
+        manifest = {
+            "format": EXPORT_FORMAT, "source": source, "fingerprint": fingerprint, "quantize": quantize,
+            "graphs": graphs, "exported_with": exporter_versions(),
+        }
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        replace_folder(work, output_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output_dir
+
+
+def export_domain(model, tokenizer, domain: str, path: Path, quantize: str, fingerprint: str):
+    """Export, fuse and (for int8) quantize one domain's graph, and stamp it with the fingerprint and domain."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    expert = model.extract_expert(domain).float().cpu()
+    expert.set_attn_implementation("eager")  # the pattern onnxruntime's optimizer fuses into one Attention op
+    graph = PooledExpert(expert, model.pool).eval()
+    sample = tokenizer(model.prepend_domain_token(["a short text", "a longer text of a few more words"], domain),
+                       padding=True, return_tensors="pt")
+    exported, fused = path.with_suffix(".exported.onnx"), path.with_suffix(".fused.onnx")
+    dynamic = {0: "batch", 1: "sequence"}
+    with torch.no_grad():
+        torch.onnx.export(
+            graph, (sample["input_ids"], sample["attention_mask"]), str(exported), dynamo=False, opset_version=17,
+            input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
+            dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "sentence_embedding": {0: "batch"}},
+        )
+    optimized = optimize_model(str(exported), model_type="bert", num_heads=model.config.num_attention_heads,
+                               hidden_size=model.config.hidden_size)
+    optimized.save_model_to_file(str(fused))
+    if quantize == "int8":
+        quantize_dynamic(str(fused), str(fused), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})  # fused ops lack shape info
+    proto = onnx.load(str(fused))
+    onnx.helper.set_model_props(proto, {"moebert.fingerprint": fingerprint, "moebert.domain": domain,
+                                        "moebert.quantize": quantize})
+    onnx.save(proto, str(path))
+    exported.unlink()
+    fused.unlink()
+
+
+def graph_file_name(index: int, domain: str) -> str:
+    return f"{index:03d}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', domain)}.onnx"
+
+
+def exporter_versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+# ------------------------------------------------------------------------------------------------ cache
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MOEBERT_CACHE", Path.home() / ".cache" / "moebert")) / "onnx"
+
+
+def cached_export_dir(fingerprint: str, quantize: str) -> Path:
+    """Where the export of these weights lives in the cache: keyed by the weights, the quantization and the export
+    format, so a changed model or exporter is exported afresh, never served stale graphs."""
+    key = hashlib.sha256(f"{fingerprint}|{quantize}|{EXPORT_FORMAT}".encode()).hexdigest()[:24]
+    return cache_root() / f"{key}-{quantize}"
+
+
+def is_export(folder) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ encoding
+
+
+class OnnxEncoder:
+    """Encodes texts with an ONNX export (see `export`): the encoder interface of encoders.TransformerEncoder
+    (`encode(texts, domain)`, `config`, `fingerprint`), each domain's graph loaded on first use."""
+
+    is_moebert = True
+    device = "cpu"
+
+    def __init__(self, folder, max_seq_length: int, batch_size: int):
+        from transformers import AutoTokenizer
+
+        from configuration_moebert import MoEBertConfig
+
+        self.folder = Path(folder)
+        if not is_export(self.folder):
+            raise ExportError(f"{self.folder} is no ONNX export of a MoE-BERT (no {MANIFEST}); write one with "
+                              "`python onnx_backend.py export --model MODEL --output_dir DIR`.")
+        self.manifest = json.loads((self.folder / MANIFEST).read_text())
+        if self.manifest.get("format") != EXPORT_FORMAT:
+            raise ExportError(f"{self.folder} was written by another version of the exporter (format "
+                              f"{self.manifest.get('format')}, this one reads {EXPORT_FORMAT}): export the model again.")
+        self.config = MoEBertConfig.from_pretrained(self.folder)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder, config=self.config)
+        self.fingerprint = self.manifest["fingerprint"]
+        self.max_seq_length, self.batch_size = max_seq_length, batch_size or DEFAULT_BATCH_SIZE
+        self.sessions = {}
+
+    @property
+    def name(self) -> str:
+        return f"onnx-{self.manifest['quantize']}"
+
+    def fit(self, train_texts):
+        pass
+
+    def session(self, domain: str):
+        if domain not in self.sessions:
+            self.sessions[domain] = self._open(domain)
+        return self.sessions[domain]
+
+    def _open(self, domain: str):
+        import onnxruntime
+
+        export_again = f"export again: python onnx_backend.py export --model {self.manifest.get('source') or 'MODEL'} " \
+                       f"--output_dir {self.folder}"
+        if domain not in self.manifest["graphs"]:
+            raise ExportError(f"domain {domain!r} is not in the ONNX export {self.folder} (it has "
+                              f"{sorted(self.manifest['graphs'])}): it was left out or added to the model later; "
+                              f"{export_again}.")
+        path = self.folder / self.manifest["graphs"][domain]
+        if not path.is_file():
+            raise ExportError(f"{path}, the graph of domain {domain!r}, is missing; {export_again}.")
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.use_env_allocators", "1")
+        register_shared_arena()
+        try:
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as error:  # onnxruntime raises its own classes for unreadable graphs
+            raise ExportError(f"{path} cannot be read ({str(error).splitlines()[0][:120]}); {export_again}.") from None
+        stamp = session.get_modelmeta().custom_metadata_map
+        expected = {"moebert.fingerprint": self.fingerprint, "moebert.domain": domain,
+                    "moebert.quantize": self.manifest["quantize"]}
+        differing = [key.split(".")[1] for key, value in expected.items() if stamp.get(key) != value]
+        if differing:
+            raise ExportError(f"{path} is not the graph this export made for domain {domain!r} (its {', '.join(differing)} "
+                              f"differ from {MANIFEST}: a graph of another model or domain); {export_again}.")
+        return session
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        session = self.session(domain)
+        texts = [f"{self.config.domain_tokens[self.config.domain_index(domain)]} {t}" for t in texts]
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
+        vectors = np.zeros((len(texts), self.config.hidden_size), dtype=np.float32)
+        for start in tqdm(range(0, len(texts), self.batch_size), desc=f"encoding {domain}", unit="batch", leave=False):
+            index = order[start : start + self.batch_size]
+            batch = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
+                                   max_length=self.max_seq_length, return_tensors="np")
+            feeds = {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
+            vectors[index] = session.run(None, feeds)[0]
+        return vectors
+
+    def cocitation_probability(self, cosine: float, domain: str) -> float:
+        a, b = self.config.calibration_parameters(domain)
+        return float(1 / (1 + np.exp(-(a * cosine + b))))
+
+
+@functools.cache
+def register_shared_arena():
+    """One memory arena for every graph's activations: each session's own arena would grow to its largest batch, nine
+    domains to 3.5 GB instead of 1.3 GB (measured on 2026-11-29, 256-token batches of 32)."""
+    import onnxruntime
+
+    cpu = onnxruntime.OrtMemoryInfo("Cpu", onnxruntime.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0,
+                                    onnxruntime.OrtMemType.DEFAULT)
+    onnxruntime.create_and_register_allocator(cpu, onnxruntime.OrtArenaCfg(0, -1, -1, -1))
+
+
+def load_onnx_encoder(spec: str, max_seq_length: int, batch_size: int, quantize: str = "int8") -> OnnxEncoder:
+    """An export folder as it is; a MoE-BERT (folder or Hub id) through its cached export, made on first use."""
+    from encoders import load_moebert, model_fingerprint
+
+    if is_export(spec):
+        return OnnxEncoder(spec, max_seq_length, batch_size)
+    check_moebert(spec)
+    return cached_onnx_encoder(model_fingerprint(spec), lambda: load_moebert(spec), max_seq_length, batch_size,
+                               quantize, source=public_name(spec))
+
+
+def check_moebert(spec: str):
+    from encoders import is_moebert
+
+    if not is_moebert(spec):
+        raise ExportError(f"{spec} is no MoE-BERT and no ONNX export of one: the onnx backend serves MoE-BERT models.")
+
+
+def cached_onnx_encoder(fingerprint: str, load_model, max_seq_length: int, batch_size: int, quantize: str = "int8",
+                        source: str | None = None) -> OnnxEncoder:
+    """The encoder of the cached export of these weights; `load_model() -> (model, tokenizer)` is called to export
+    them only when the cache has none."""
+    folder = cached_export_dir(fingerprint, quantize)
+    if not is_export(folder):
+        print(f"exporting {source or 'the model'} to ONNX ({quantize}) once, into {folder}", file=sys.stderr)
+        model, tokenizer = load_model()
+        export(model, tokenizer, fingerprint, folder, quantize, source=source)
+    return OnnxEncoder(folder, max_seq_length, batch_size)
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def main(argv=None):
+    from encoders import load_moebert, model_fingerprint
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    command = commands.add_parser("export", help="export each domain's expert to ONNX")
+    command.add_argument("--model", required=True, help="a MoE-BERT folder or Hub id")
+    command.add_argument("--output_dir", required=True)
+    command.add_argument("--quantize", default="int8", choices=QUANTIZE_CHOICES, help="int8 weights (default) or fp32")
+    command.add_argument("--domains", default=None, help="comma-separated domains to export (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        check_moebert(args.model)
+        model, tokenizer = load_moebert(args.model)
+        domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
+        folder = export(model, tokenizer, model_fingerprint(args.model), args.output_dir, args.quantize, domains,
+                        source=public_name(args.model))
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"error: {str(error).splitlines()[0]}") from None
+    print(f"exported {len(domains or model.config.domains)} domain(s) of {args.model} to {folder} ({args.quantize})")
+    return folder
+
+
+if __name__ == "__main__":
+    main()
