@@ -501,6 +501,7 @@ class HubPusher:
         self.repo_id, self.private, self.attempts, self.backoff_s = repo_id, private, attempts, backoff_s
         self.repo_ready, self.failed, self.snapshots = False, [], 0
         self.uploads = {}  # repo folder -> (future, snapshot) of its newest push
+        self.in_flight = []  # (future, snapshot) of every push not known to be finished
 
     def push(self, folder: Path, files: list[str], path_in_repo: str, message: str):
         """Upload `files` (paths relative to `folder`) into `path_in_repo` of the repo, in the background."""
@@ -519,6 +520,18 @@ class HubPusher:
         if previous and previous[0].cancel():  # still waiting: this newer snapshot supersedes it
             shutil.rmtree(previous[1], ignore_errors=True)
         self.uploads[path_in_repo] = (self.api.run_as_future(self._upload, snapshot, path_in_repo, message, folder), snapshot)
+        self.in_flight.append(self.uploads[path_in_repo])
+        self.remove_stale_snapshots()
+
+    def remove_stale_snapshots(self):
+        """Delete what the staging folder holds beyond the snapshots of unfinished uploads. A save of the output
+        folder hard-links the snapshots under way into the new folder (install_model); one whose upload ends between
+        that link and the swap comes back as a copy nobody removes."""
+        self.in_flight = [(future, snapshot) for future, snapshot in self.in_flight if not future.done()]
+        needed = {snapshot for _, snapshot in self.in_flight}
+        for entry in sorted(self.staging_dir.iterdir()) if self.staging_dir.is_dir() else []:
+            if entry not in needed:
+                shutil.rmtree(entry, ignore_errors=True)
 
     def close(self, timeout: float | None = None) -> tuple[list[str], int]:
         """Wait for the uploads (at most `timeout` seconds in all); returns the failures (already reported) and the
@@ -530,6 +543,7 @@ class HubPusher:
                 future.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
             except concurrent.futures.TimeoutError:
                 pending += 1
+        self.remove_stale_snapshots()
         return self.failed, pending
 
     def finish(self, completed: bool = True, timeout: float | None = None):

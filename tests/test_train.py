@@ -717,6 +717,25 @@ def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_p
     assert (tmp_path / "model.safetensors").read_text() == "step 3"  # local files untouched
 
 
+def test_a_snapshot_copy_carried_by_a_save_is_removed_and_one_under_way_is_kept(tmp_path):
+    import threading
+
+    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
+    release, started = threading.Event(), threading.Event()
+    pusher.api.create_repo = lambda *args, **kwargs: None
+    pusher.api.upload_folder = lambda **kwargs: (started.set(), release.wait(10))
+    (tmp_path / "model.safetensors").write_text("step 1")
+    pusher.push(tmp_path, ["model.safetensors"], "", "step 1")
+    started.wait(10)
+    (tmp_path / "staging" / "0").mkdir()  # a finished upload's snapshot, as a save's folder swap brings it back
+    (tmp_path / "staging" / "0" / "model.safetensors").write_text("step 0")
+    pusher.push(tmp_path, ["model.safetensors"], "last-checkpoint", "step 1")
+    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["1", "2"]  # both uploads still need theirs
+    release.set()
+    pusher.finish()
+    assert not list((tmp_path / "staging").iterdir())
+
+
 def test_after_a_stop_queued_uploads_are_awaited_for_a_bounded_time(tmp_path, capsys):
     import threading
     import time
