@@ -127,6 +127,12 @@ class MoEBertConfig(BertConfig):
             raise ValueError(f"unknown domain {domain!r}: this model knows {self.domains}.")
         return self.domains.index(domain)
 
+    def prepend_domain_token(self, texts, domains) -> list[str]:
+        """`'[CVD] ' + text` for each text and its domain name (a single name applies to all texts)."""
+        if isinstance(domains, str):
+            domains = [domains] * len(texts)
+        return [f"{self.domain_tokens[self.domain_index(d)]} {t}" for t, d in zip(texts, domains, strict=True)]
+
     def calibration_parameters(self, domain: str) -> tuple[float, float]:
         """(a, b) of the domain's calibration, `sigmoid(a * cosine + b)`; a ValueError saying why there is none."""
         self.domain_index(domain)  # an unknown domain: ValueError naming the known ones

@@ -28,7 +28,7 @@ import numpy as np
 
 from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs
 from defaults import default_base_model
-from encoders import BACKENDS, RemoteCodeError, autocast, default_device, load_encoder, normalise
+from encoders import BACKENDS, BATCH_SIZE_HELP, RemoteCodeError, autocast, default_device, load_encoder, normalise
 from metrics import (
     BOOTSTRAP_METRICS,
     OneClassError,
@@ -223,7 +223,7 @@ def calibrate(argv: list[str]):
     parser.add_argument("--model", required=True, help="a local MoE-BERT folder (its config.json is rewritten)")
     parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
     parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default: 32 on torch, 8 on ONNX Runtime, where less padding pays)")
+    parser.add_argument("--batch_size", type=int, default=None, help=BATCH_SIZE_HELP)
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="auto", choices=["fp32", "bf16", "auto"])
     args = parser.parse_args(argv)
@@ -383,7 +383,7 @@ def main(argv=None):
     parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
     parser.add_argument("--split", default="test", choices=["valid", "test"])
     parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default: 32 on torch, 8 on ONNX Runtime, where less padding pays)")
+    parser.add_argument("--batch_size", type=int, default=None, help=BATCH_SIZE_HELP)
     parser.add_argument("--device", default=None, help="cuda, cpu, ... (default: the accelerator if there is one)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"], help="encode under bf16 "
                         "autocast (auto: where bf16 is native); the reported figures are fp32")

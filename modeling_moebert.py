@@ -362,9 +362,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
 
     def prepend_domain_token(self, texts, domains):
         """`'[CVD] ' + text` for each text and its domain name (a single name applies to all texts)."""
-        if isinstance(domains, str):
-            domains = [domains] * len(texts)
-        return [f"{self.domain_token(d)} {t}" for t, d in zip(texts, domains, strict=True)]
+        return self.config.prepend_domain_token(texts, domains)
 
     def cocitation_probability(self, cosine, domain: str) -> torch.Tensor:
         """The probability that two texts of `domain` whose embeddings have this cosine similarity are co-cited, by

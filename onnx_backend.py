@@ -69,15 +69,14 @@ def export(model, tokenizer, fingerprint: str, output_dir, quantize: str = "int8
     if quantize not in QUANTIZE_CHOICES:
         raise ExportError(f"--quantize {quantize!r}: choose one of {list(QUANTIZE_CHOICES)}.")
     domains = list(domains or model.config.domains)
-    for domain in domains:
-        model.config.domain_index(domain)  # an unknown domain: ValueError naming the known ones
+    indices = {domain: model.config.domain_index(domain) for domain in domains}  # unknown: ValueError naming the known
     output_dir = Path(output_dir)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
     try:
         graphs = {}
         for domain in tqdm(domains, desc=f"exporting to ONNX ({quantize})", unit="domain"):
-            graphs[domain] = graph_file_name(model.config.domain_index(domain), domain)
+            graphs[domain] = graph_file_name(indices[domain], domain)
             export_domain(model, tokenizer, domain, work / graphs[domain], quantize, fingerprint)
             gc.collect()  # the exporter leaves reference cycles holding each graph: 0.5 GB a domain otherwise
         tokenizer.save_pretrained(work)
@@ -221,22 +220,23 @@ class OnnxEncoder:
                     "moebert.quantize": self.manifest["quantize"]}
         differing = [key.split(".")[1] for key, value in expected.items() if stamp.get(key) != value]
         if differing:
-            raise ExportError(f"{path} is not the graph this export made for domain {domain!r} (its {', '.join(differing)} "
-                              f"differ from {MANIFEST}: a graph of another model or domain); {export_again}.")
+            raise ExportError(f"{path} is not the graph this export made for domain {domain!r} (its "
+                              f"{', '.join(differing)} differ from {MANIFEST}: a graph of another model or domain); "
+                              f"{export_again}.")
         return session
 
     def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        from encoders import encode_in_batches
+
         session = self.session(domain)
-        texts = [f"{self.config.domain_tokens[self.config.domain_index(domain)]} {t}" for t in texts]
-        order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths together: less padding
-        vectors = np.zeros((len(texts), self.config.hidden_size), dtype=np.float32)
-        for start in tqdm(range(0, len(texts), self.batch_size), desc=f"encoding {domain}", unit="batch", leave=False):
-            index = order[start : start + self.batch_size]
-            batch = self.tokenizer([texts[i] for i in index], padding=True, truncation=True,
-                                   max_length=self.max_seq_length, return_tensors="np")
-            feeds = {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")}
-            vectors[index] = session.run(None, feeds)[0]
-        return vectors
+
+        def run(batch_texts):
+            batch = self.tokenizer(batch_texts, padding=True, truncation=True, max_length=self.max_seq_length,
+                                   return_tensors="np")
+            return session.run(None, {name: batch[name].astype(np.int64) for name in ("input_ids", "attention_mask")})[0]
+
+        texts = self.config.prepend_domain_token(texts, domain)
+        return encode_in_batches(texts, self.batch_size, self.config.hidden_size, f"encoding {domain}", run)
 
     def cocitation_probability(self, cosine: float, domain: str) -> float:
         a, b = self.config.calibration_parameters(domain)

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from data.cocitation import read_table
 from data.loading import SAMPLE_DIR
 from defaults import default_base_model, public_name
-from encoders import (BACKENDS, TransformerEncoder, autocast, default_backend, default_device, model_fingerprint, normalise,
-                      weights_fingerprint)
+from encoders import (BACKENDS, BATCH_SIZE_HELP, TransformerEncoder, autocast, default_backend, default_device,
+                      model_fingerprint, normalise, weights_fingerprint)
 from onnx_backend import ExportError, cached_onnx_encoder, load_onnx_encoder
 
 DEFAULT_INDEX_DIR = Path("search_index")
@@ -388,8 +388,9 @@ class PaperIndex:
     @classmethod
     def load(cls, folder=DEFAULT_INDEX_DIR, model: str | None = None, device: str | None = None, nprobe: int = 64,
              rerank: int = 10, backend: str | None = None):
-        """`backend`: torch or onnx, by default the one the index was built with. `nprobe`, `rerank`: IVF-PQ only. Its `top_k * rerank` best candidates by compressed codes are re-scored
-        exactly from the stored vectors (memory-mapped, so only those rows are read); `rerank=0` keeps PQ scores."""
+        """`backend`: torch or onnx, by default the one the index was built with. `nprobe`, `rerank`: IVF-PQ only.
+        Its `top_k * rerank` best candidates by compressed codes are re-scored exactly from the stored vectors
+        (memory-mapped, so only those rows are read); `rerank=0` keeps PQ scores."""
         import faiss
 
         folder = Path(folder)
@@ -538,7 +539,7 @@ def main(argv=None):
     query.add_argument("--json", action="store_true", help="one JSON object per query")
     for sub in (index, query):
         sub.add_argument("--max_seq_length", type=int, default=256)
-        sub.add_argument("--batch_size", type=int, default=None, help="texts per forward pass (default: 32 on torch, 8 on ONNX Runtime, where less padding pays)")
+        sub.add_argument("--batch_size", type=int, default=None, help=BATCH_SIZE_HELP)
         sub.add_argument("--device", default=None, help="default: the accelerator if there is one")
         sub.add_argument("--backend", default=None, choices=BACKENDS, help="onnx: ONNX Runtime with int8 weights (a "
                          "MoE-BERT is exported once, on first use; an export folder can be given as --model); default: "
