@@ -123,10 +123,10 @@ class TransformerEncoder:
         return (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
-def encode_in_batches(texts: list[str], batch_size: int, dimension: int, description: str, run) -> np.ndarray:
+def encode_in_batches(texts: list[str], batch_size: int, dimension: int, description: str, run, lengths=None):
     """The vectors of `texts` in their order, computed `batch_size` at a time by `run(batch_texts) -> array`,
-    longest texts first: similar lengths share a batch, so little padding is computed."""
-    order = np.argsort([-len(t) for t in texts], kind="stable")
+    longest first (by `lengths`, default the characters): similar lengths share a batch, so little padding."""
+    order = np.argsort([-n for n in (lengths or map(len, texts))], kind="stable")
     vectors = np.zeros((len(texts), dimension), dtype=np.float32)
     for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
         index = order[start : start + batch_size]
@@ -147,16 +147,16 @@ class StemEncoder:
 
     def encode(self, texts: list[str], domain: str) -> np.ndarray:
         domain_id = self.model.config.domain_index(domain)
-        order = np.argsort([-self.stems.length((domain_id, t)) for t in texts], kind="stable")  # little padding
-        vectors = np.zeros((len(texts), self.model.config.hidden_size), dtype=np.float32)
-        for start in range(0, len(texts), self.batch_size):
-            index = order[start : start + self.batch_size]
-            batch = self.stems.batch([(domain_id, texts[i]) for i in index])
+
+        def run(batch_texts):
+            batch = self.stems.batch([(domain_id, t) for t in batch_texts])
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            domain_ids = torch.full((len(batch_texts),), domain_id, device=self.model.device)
             with torch.inference_mode():
-                output = self.model(**batch, domain_ids=torch.full((len(index),), domain_id, device=self.model.device))
-            vectors[index] = output.pooler_output.float().cpu().numpy()
-        return vectors
+                return self.model(**batch, domain_ids=domain_ids).pooler_output.float().cpu().numpy()
+
+        lengths = [self.stems.length((domain_id, t)) for t in texts]  # stored token counts
+        return encode_in_batches(texts, self.batch_size, self.model.config.hidden_size, f"encoding {domain}", run, lengths)
 
 
 class SentenceTransformerEncoder:
