@@ -71,8 +71,8 @@ def avx512_vnni() -> bool:
 
 
 def our_embed(args, row: str):
-    """(embed function of texts and domains, the seconds spent loading and exporting before it, the batch size). ONNX exports
-    land in a cache inside the run's work folder: the first call exports, later ones reuse."""
+    """(embed function of texts and domains, the seconds spent loading and exporting before it, the batch size).
+    ONNX exports land in a cache inside the run's work folder: the first call exports, later ones reuse."""
     sys.path.insert(0, str(ROOT))
     import torch
 
