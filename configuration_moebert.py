@@ -1,5 +1,8 @@
 """MoE-BERT configuration: a BERT configuration plus the domains, their experts and the routing."""
 
+import os
+from pathlib import Path
+
 from transformers import BertConfig
 
 ROUTING_MODES = ("sentence", "token")
@@ -8,6 +11,23 @@ POOLING_MODES = ("mean", "cls")
 
 def default_domain_token(domain: str) -> str:
     return f"[{domain}]"
+
+
+def names_a_local_folder(name_or_path: str | None) -> bool:
+    """Whether a model name tells about this machine: an absolute path, or a relative one that climbs out of the
+    working directory (a Hub id, or a path below the working directory, tells nothing)."""
+    return bool(name_or_path) and (os.path.isabs(name_or_path) or os.path.normpath(name_or_path).startswith(".."))
+
+
+def public_model_name(name_or_path: str | None) -> str | None:
+    """How a file that may be published names a model given by a local path: never a folder of this machine. A
+    Hugging Face cache snapshot by the repo id it caches, any other local folder (see `names_a_local_folder`) by its
+    last name; Hub ids and paths below the working directory as given."""
+    if not names_a_local_folder(name_or_path):
+        return name_or_path
+    path = Path(name_or_path).resolve()
+    cached = next((part for part in path.parts if part.startswith(("models--", "datasets--"))), None)
+    return "/".join(cached.split("--")[1:]) if cached else path.name
 
 
 def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
@@ -90,6 +110,13 @@ class MoEBertConfig(BertConfig):
         self.base_model_name_or_path = base_model_name_or_path
         self.calibration = calibration
         self.validate_moe()
+
+    def to_dict(self) -> dict:
+        """The fields as saved (config.json): the base model by a public name, never a local path (the name in
+        memory may stay a local folder, from which `add_domain` copies new experts)."""
+        output = super().to_dict()
+        output["base_model_name_or_path"] = public_model_name(output.get("base_model_name_or_path"))
+        return output
 
     def validate_moe(self):
         """Raise a `ValueError` that names the problem if the MoE fields do not fit together."""

@@ -1,7 +1,8 @@
 """Defaults shared by the scripts: the embedded base model, usable offline, and how local paths are published."""
 
-import os
 from pathlib import Path
+
+from configuration_moebert import names_a_local_folder, public_model_name
 
 DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what saved models record as their base
 
@@ -20,17 +21,15 @@ def local_copy(model_id: str | None) -> str | None:
 
 def public_name(name_or_path: str | None) -> str | None:
     """How a model or dataset is named in a file that may be published (model card, config, training state, search
-    manifest): never an absolute path of this machine. The embedded base by its Hub id, a Hugging Face cache
-    snapshot by the repo id it caches, a folder under the working directory relative to it, any other absolute path
-    by its last name; Hub ids and relative paths as given."""
-    if not name_or_path or not os.path.isabs(name_or_path):
+    manifest): never a folder of this machine. The embedded base by its Hub id, a folder under the working
+    directory relative to it, anything else as `public_model_name` names it (a Hugging Face cache snapshot by its
+    repo id, another local folder by its last name, Hub ids as given)."""
+    if not names_a_local_folder(name_or_path):
         return name_or_path
     path = Path(name_or_path).resolve()
     if path == Path(default_base_model()).resolve():
         return DEFAULT_BASE_MODEL_ID
-    cached = next((part for part in path.parts if part.startswith(("models--", "datasets--"))), None)
-    if cached:
-        return "/".join(cached.split("--")[1:])
-    if path.is_relative_to(Path.cwd().resolve()):
+    in_cache = any(part.startswith(("models--", "datasets--")) for part in path.parts)
+    if path.is_relative_to(Path.cwd().resolve()) and not in_cache:
         return path.relative_to(Path.cwd().resolve()).as_posix()
-    return path.name
+    return public_model_name(str(path))

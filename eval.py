@@ -247,7 +247,8 @@ def calibrate(argv: list[str]):
     os.replace(folder / ".tmp-config" / "config.json", folder / "config.json")
     shutil.rmtree(folder / ".tmp-config")
     for domain, (a, b) in calibration["parameters"].items():
-        print(f"{domain}: P(co-cited) = sigmoid({a:.3f} * cosine {b:+.3f}); 0.5 at cosine {-b / a:.3f}")
+        midpoint = f"0.5 at cosine {-b / a:.3f}" if a > 0 else "its valid cosines do not rank co-cited pairs higher"
+        print(f"{domain}: P(co-cited) = sigmoid({a:.3f} * cosine {b:+.3f}); {midpoint}")
     print(f"calibration written to {folder / 'config.json'}")
     return calibration
 

@@ -31,9 +31,9 @@ from transformers.models.bert.modeling_bert import (
 from transformers.utils import logging
 
 try:
-    from .configuration_moebert import MoEBertConfig, default_domain_token
+    from .configuration_moebert import MoEBertConfig, default_domain_token, public_model_name
 except ImportError:  # imported as a top-level module from a source checkout rather than from the Hub
-    from configuration_moebert import MoEBertConfig, default_domain_token
+    from configuration_moebert import MoEBertConfig, default_domain_token, public_model_name
 
 EXPERT_FILE_FORMAT = "moebert-expert-v1"
 # A dense BERT parameter that an MoE layer holds per expert, and its name inside the MoE layer.
@@ -504,7 +504,13 @@ class MoEBertModel(MoEBertPreTrainedModel):
         path = init_from or self.config.base_model_name_or_path
         if path is None:
             raise ValueError("init_from is needed: name an existing domain or a BERT checkpoint.")
-        return _load_dense_bert(path).state_dict()
+        try:
+            return _load_dense_bert(path).state_dict()
+        except OSError as error:  # a base recorded by its folder's name only, or no network
+            raise ValueError(
+                f"the base {path!r} to copy the new expert from cannot be loaded ({str(error).splitlines()[0]}): pass "
+                f"init_from=, an existing domain ({', '.join(self.config.domains)}) or the base's folder or Hub id."
+            ) from None
 
     # ----------------------------------------------------------------------------------------- expert files
 
@@ -525,7 +531,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
             "moe_layers": json.dumps(self.config.moe_layers),
             "hidden_size": str(self.config.hidden_size),
             "intermediate_size": str(self.config.intermediate_size),
-            "base_model_name_or_path": str(self.config.base_model_name_or_path),
+            "base_model_name_or_path": str(public_model_name(self.config.base_model_name_or_path)),
         }
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp_path = f"{path}.tmp"

@@ -143,11 +143,34 @@ def cache_root() -> Path:
     return Path(os.environ.get("MOEBERT_CACHE", Path.home() / ".cache" / "moebert")) / "onnx"
 
 
-def cached_export_dir(fingerprint: str, quantize: str) -> Path:
-    """Where the export of these weights lives in the cache: keyed by the weights, the quantization and the export
-    format, so a changed model or exporter is exported afresh, never served stale graphs."""
-    key = hashlib.sha256(f"{fingerprint}|{quantize}|{EXPORT_FORMAT}".encode()).hexdigest()[:24]
-    return cache_root() / f"{key}-{quantize}"
+def cached_export_dir(key: str, quantize: str) -> Path:
+    """Where the export of a model lives in the cache: keyed by everything the export copies (`export_key`), the
+    quantization and the export format, so a changed model or exporter is exported afresh, never served stale
+    graphs."""
+    digest = hashlib.sha256(f"{key}|{quantize}|{EXPORT_FORMAT}".encode()).hexdigest()[:24]
+    return cache_root() / f"{digest}-{quantize}"
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "added_tokens.json")
+
+
+def export_key(spec: str) -> str:
+    """What an export of this MoE-BERT copies: its weights (their fingerprint) and, for a local folder, its config
+    and tokenizer files (domains, their tokens and the layout: two models upcycled alike from one base share their
+    weight files but not their domains). The calibration is left out: it is read from the model at every load, so
+    `eval.py calibrate` needs no new export."""
+    from encoders import model_fingerprint
+
+    digest = hashlib.sha256(model_fingerprint(spec).encode())
+    folder = Path(spec)
+    if folder.is_dir():
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("calibration", None)
+        digest.update(json.dumps(config, sort_keys=True).encode())
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                digest.update(name.encode() + (folder / name).read_bytes())
+    return digest.hexdigest()
 
 
 def is_export(folder) -> bool:
@@ -164,7 +187,9 @@ class OnnxEncoder:
     is_moebert = True
     device = "cpu"
 
-    def __init__(self, folder, max_seq_length: int, batch_size: int):
+    def __init__(self, folder, max_seq_length: int, batch_size: int, config=None):
+        """`config`: the MoE-BERT configuration to answer with (domains, calibration), by default the one copied at
+        export time; a model's cached export is given the model's own, so a new calibration applies at once."""
         from transformers import AutoTokenizer
 
         from configuration_moebert import MoEBertConfig
@@ -177,7 +202,7 @@ class OnnxEncoder:
         if self.manifest.get("format") != EXPORT_FORMAT:
             raise ExportError(f"{self.folder} was written by another version of the exporter (format "
                               f"{self.manifest.get('format')}, this one reads {EXPORT_FORMAT}): export the model again.")
-        self.config = MoEBertConfig.from_pretrained(self.folder)
+        self.config = config or MoEBertConfig.from_pretrained(self.folder)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, config=self.config)
         self.fingerprint = self.manifest["fingerprint"]
         self.max_seq_length, self.batch_size = max_seq_length, batch_size or DEFAULT_BATCH_SIZE
@@ -258,11 +283,14 @@ def load_onnx_encoder(spec: str, max_seq_length: int, batch_size: int, quantize:
     """An export folder as it is; a MoE-BERT (folder or Hub id) through its cached export, made on first use."""
     from encoders import load_moebert, model_fingerprint
 
+    from configuration_moebert import MoEBertConfig
+
     if is_export(spec):
         return OnnxEncoder(spec, max_seq_length, batch_size)
     check_moebert(spec)
     return cached_onnx_encoder(model_fingerprint(spec), lambda: load_moebert(spec), max_seq_length, batch_size,
-                               quantize, source=public_name(spec))
+                               quantize, source=public_name(spec), key=export_key(spec),
+                               config=MoEBertConfig.from_pretrained(spec))
 
 
 def check_moebert(spec: str):
@@ -273,15 +301,16 @@ def check_moebert(spec: str):
 
 
 def cached_onnx_encoder(fingerprint: str, load_model, max_seq_length: int, batch_size: int, quantize: str = "int8",
-                        source: str | None = None) -> OnnxEncoder:
-    """The encoder of the cached export of these weights; `load_model() -> (model, tokenizer)` is called to export
-    them only when the cache has none."""
-    folder = cached_export_dir(fingerprint, quantize)
+                        source: str | None = None, key: str | None = None, config=None) -> OnnxEncoder:
+    """The encoder of the cached export of a model whose weights have this fingerprint (and whose export is named by
+    `key`, by default the fingerprint); `load_model() -> (model, tokenizer)` is called to export them only when the
+    cache has none. `config`: see OnnxEncoder."""
+    folder = cached_export_dir(key or fingerprint, quantize)
     if not is_export(folder):
         print(f"exporting {source or 'the model'} to ONNX ({quantize}) once, into {folder}", file=sys.stderr)
         model, tokenizer = load_model()
         export(model, tokenizer, fingerprint, folder, quantize, source=source)
-    return OnnxEncoder(folder, max_seq_length, batch_size)
+    return OnnxEncoder(folder, max_seq_length, batch_size, config)
 
 
 # ------------------------------------------------------------------------------------------------ command line

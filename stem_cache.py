@@ -28,11 +28,15 @@ class StemStates:
 
     def __init__(self, folder: Path, inputs: list[tuple[int, str]]):
         self.folder = folder
-        # (tokens of all rows, hidden) float32, mapped copy-on-write: torch wants writable arrays, the file stays as is
-        self.values = np.load(folder / "states.npy", mmap_mode="c")
-        self.offsets = np.load(folder / "offsets.npy")  # row i is values[offsets[i]:offsets[i + 1]]
+        refusal = f"stem states in {folder} are cut short or do not match their inputs: delete the folder to rebuild it."
+        try:
+            # (tokens of all rows, hidden) float32, mapped copy-on-write: torch wants writable arrays, the file stays
+            self.values = np.load(folder / "states.npy", mmap_mode="c")
+            self.offsets = np.load(folder / "offsets.npy")  # row i is values[offsets[i]:offsets[i + 1]]
+        except (OSError, ValueError):  # a file shorter than its header says: numpy cannot map or read it
+            raise ValueError(refusal) from None
         if len(self.offsets) != len(inputs) + 1 or self.offsets[-1] != len(self.values):
-            raise ValueError(f"stem states in {folder} do not match their inputs: delete the folder to rebuild it.")
+            raise ValueError(refusal)
         self.row_of = {key: row for row, key in enumerate(inputs)}
 
     @classmethod

@@ -394,11 +394,11 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: Path, step: int, 
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
-    with saving(final):
+    with saving(final, tmp):
         accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
-        with saving(final):
+        with saving(final, tmp):
             model_files = save_model(accelerator.unwrap_model(model), tokenizer, tmp / "model", card)
             replace_folder(tmp, final)
         if pusher and args.hub_strategy in ("every_save", "checkpoint"):
@@ -450,11 +450,15 @@ def main(argv=None):
         completed = True
         return card
     except TrainingStopped as stopped:
+        abandoned = 0
         if pusher:  # a bounded wait: the machine is going away
-            pusher.finish(completed=False, timeout=args.stop_timeout)
+            abandoned = pusher.finish(completed=False, timeout=args.stop_timeout)
             pusher = None
         accelerator.print(f"stopped by {stopped.name} after step {stopped.step}: checkpoint in {stopped.checkpoint}; "
                           f"resume with: {resume_command(sys.argv if argv is None else ['train.py', *argv])}", flush=True)
+        if abandoned:  # the interpreter would wait at exit for the upload threads: leave without them
+            sys.stderr.flush()
+            os._exit(128 + stopped.signum)
         raise SystemExit(128 + stopped.signum) from None
     finally:  # also when training fails: what was queued is still sent, or reported
         stop.restore()
@@ -474,11 +478,14 @@ def check_checkpoint_fits(path: Path, model):
 
 
 @contextlib.contextmanager
-def saving(what: Path):
-    """A save that fails for want of space or rights ends the run in one line; nothing written before is lost."""
+def saving(what: Path, partial: Path | None = None):
+    """A save that fails for want of space or rights ends the run in one line; nothing written before is lost, and
+    what it had half written (`partial`) is removed."""
     try:
         yield
     except OSError as error:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         raise SystemExit(
             f"error: cannot write {what} ({error.strerror or error}); the model saved before and every finished "
             "checkpoint are intact. Free space (or fix the rights) and resume with --resume_from_checkpoint latest."
@@ -570,7 +577,10 @@ def train(args, accelerator: Accelerator, pusher: "HubPusher | None", stop: Stop
         train_pairs, known_pairs = training_pairs(datasets, domains, args.hard_negatives, args.seed)
     except DatasetError as error:
         raise SystemExit(f"error: {error}") from None
-    stems = open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator) if args.reuse_stem_states else None
+    try:
+        stems = open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator) if args.reuse_stem_states else None
+    except ValueError as error:  # stored states cut short
+        raise SystemExit(f"error: {error}") from None
     dataloader = train_dataloader(train_pairs, model, tokenizer, args, accelerator.num_processes, stems)
     if args.guide_false_negatives:  # the untrained model guides: its vectors of every train text, once
         known_pairs.set_guide(guide_vectors(model, tokenizer, train_pairs, known_pairs, args, stems))

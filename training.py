@@ -546,9 +546,9 @@ class HubPusher:
         self.remove_stale_snapshots()
         return self.failed, pending
 
-    def finish(self, completed: bool = True, timeout: float | None = None):
+    def finish(self, completed: bool = True, timeout: float | None = None) -> int:
         """Wait for the queued uploads and say how it went: "pushed" only when training completed and every push
-        arrived."""
+        arrived. Returns the number of uploads abandoned after `timeout` seconds."""
         print(f"waiting for the uploads to the Hub repo {self.repo_id} ...", flush=True)
         failed, pending = self.close(timeout)
         if failed:
@@ -558,12 +558,13 @@ class HubPusher:
             print(f"{pending} uploads to {self.repo_id} were still under way after {timeout:g} s and are abandoned; "
                   "the local files are intact", file=sys.stderr, flush=True)
         if failed or pending:
-            return
+            return pending
         if completed:
             print(f"pushed to {self.api.endpoint}/{self.repo_id}")
         else:
             print(f"the uploads queued before training stopped arrived at {self.api.endpoint}/{self.repo_id}; the final "
                   "model was not pushed", flush=True)
+        return 0
 
     def _upload(self, snapshot: Path, path_in_repo: str, message: str, local: Path):
         try:
@@ -588,7 +589,7 @@ class HubPusher:
                 where = f"{self.repo_id}/{path_in_repo}" if path_in_repo else self.repo_id
                 self.failed.append(message)
                 print(
-                    f"warning: pushing '{message}' to the Hub repo {where} failed {self.attempts} times "
+                    f"warning: pushing '{message}' to the Hub repo {where} failed {attempt} times "
                     f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). The local copy in "
                     f"{local} is intact; upload it later with: hf upload {self.repo_id} {local} {path_in_repo or '.'}",
                     file=sys.stderr,

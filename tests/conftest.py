@@ -1,4 +1,5 @@
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -87,3 +88,42 @@ def tiny_data(tmp_path):
     for domain in ("CVD", "COPD"):
         write_pairs(tmp_path / "data" / domain)
     return tmp_path / "data"
+
+
+class StepRecord(list):
+    """Learning rates, one per optimizer step; with `stop_after` = k the process sends itself SIGTERM at step k."""
+
+    stop_after = None
+
+
+@pytest.fixture
+def optimizer_steps(monkeypatch):
+    """The learning rate of every optimizer step train.py takes in this process, in order."""
+    import train
+
+    learning_rates = StepRecord()
+    make_optimizer = train.make_optimizer
+
+    class CountedAdamW(torch.optim.AdamW):
+        def step(self, closure=None):
+            learning_rates.append(self.param_groups[0]["lr"])
+            if len(learning_rates) == learning_rates.stop_after:  # as a scheduler's SIGTERM would, mid-run
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().step(closure)
+
+    def counted(model, args):
+        optimizer = make_optimizer(model, args)
+        optimizer.__class__ = CountedAdamW
+        return optimizer
+
+    monkeypatch.setattr(train, "make_optimizer", counted)
+    return learning_rates
+
+
+COUNTED_TRAIN = Path(__file__).with_name("counted_train.py")
+
+
+def counted_steps(record: Path, rank: int = 0) -> list[float]:
+    """The learning rates of the optimizer steps a `counted_train.py` process of this rank took."""
+    path = record.with_name(f"{record.name}.{rank}")
+    return [float(line) for line in path.read_text().split()] if path.exists() else []

@@ -3,15 +3,16 @@
 import base64
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeHub(ThreadingHTTPServer):
     """Records every request and the files of every commit; with `fail=True` answers every request with 500."""
 
-    def __init__(self, fail: bool = False):
+    def __init__(self, fail: bool = False, hang: float = 0.0):
         super().__init__(("127.0.0.1", 0), _Handler)
-        self.fail = fail
+        self.fail, self.hang = fail, hang  # hang: seconds each commit waits before it is answered
         self.requests: list[tuple[str, str]] = []
         self.authorizations: set[str] = set()  # Authorization headers seen
         self.commits: list[dict] = []  # {"repo", "summary", "files": {path: bytes}}
@@ -70,6 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
                 200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
             )
         if action == "commit":
+            time.sleep(self.server.hang)
             return self._commit(repo, body)
         self._reply(404, {"error": f"unknown route {path}"})
 

@@ -90,14 +90,14 @@ def test_probabilities_survive_save_load_sentence_transformers_and_a_push(calibr
 
 
 def write_domains(root, domains=("CVD", "COPD")):
+    """Pairs of random words, other rows in every split and domain: which split a calibration is fitted on shows."""
     rng = np.random.default_rng(0)
     words = ["heart", "lung", "cell", "trial", "dose", "risk", "renal", "liver", "brain", "bone"]
-    rows = [(" ".join(rng.choice(words, 5)), " ".join(rng.choice(words, 5)), label) for label in [1, 0] * 20]
-    frame = pd.DataFrame(rows, columns=["a", "b", "label"])
     for domain in domains:
         (root / domain).mkdir(parents=True)
         for split in ("train", "valid", "test"):
-            frame.to_csv(root / domain / f"{split}.csv", index=False)
+            rows = [(" ".join(rng.choice(words, 5)), " ".join(rng.choice(words, 5)), label) for label in [1, 0] * 20]
+            pd.DataFrame(rows, columns=["a", "b", "label"]).to_csv(root / domain / f"{split}.csv", index=False)
     return [f"--dataset={d}={root / d}" for d in domains]
 
 
@@ -118,6 +118,15 @@ def test_eval_reports_raw_and_calibrated_scores_and_calibrate_stores_the_map(cal
                                "--output_dir", str(out), "--bootstrap", "20", "--reference", "tfidf"])
     report = results["moe"]["calibration"]
     assert report["fitted_by"] == "eval.py calibrate" and results["tfidf"]["calibration"]["fitted_by"] == "eval.py"
+    from data.loading import load_domain_dataset
+    from encoders import TfidfEncoder
+
+    for domain in ("CVD", "COPD"):  # a model without a calibration of its own gets one fitted on valid, not on test
+        _, scored = evaluation.evaluate_model(TfidfEncoder(), {domain: load_domain_dataset(str(tmp_path / "data" / domain))},
+                                              "test")
+        np.testing.assert_allclose(results["tfidf"]["calibration"]["parameters"][domain],
+                                   fit_platt(*scored[domain]["valid"]), rtol=1e-6)
+        assert not np.allclose(fit_platt(*scored[domain]["valid"]), fit_platt(*scored[domain]["test"]), rtol=1e-2)
     predictions = pd.read_csv(out / "predictions.csv")
     cosines = predictions[(predictions.model == "moe") & (predictions.domain == "CVD")]
     calibrated = predictions[(predictions.model == "moe (calibrated)") & (predictions.domain == "CVD")]

@@ -204,7 +204,7 @@ def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, caps
     # evaluation, search and continued training all load it with this project's classes
     encoder = encoders.load_encoder(str(folder), 32, 2, "cpu")
     search_encoder, _, _ = search.load_encoder(str(folder), 32, 2, "cpu")
-    continued, _ = train.load_model(train.parse_args(["--model_name_or_path", str(folder)]), ["CVD"])
+    continued, _ = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", str(folder)]), ["CVD"])
     assert not marker.exists()
     batch = tokenizer(model.prepend_domain_token(["asthma attack"], "COPD"), return_tensors="pt")
     with torch.no_grad():

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -485,6 +486,19 @@ def test_add_domain_leaves_existing_domains_untouched(tiny_moe, tiny_bert):
         model.add_domain("CVD", tokenizer)
 
 
+def test_a_saved_model_names_its_local_base_by_name_and_grows_from_a_domain(tiny_moe, tiny_bert, tmp_path, monkeypatch):
+    model, tokenizer = tiny_moe
+    assert model.config.base_model_name_or_path == tiny_bert  # in memory: where new experts are copied from
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MoEBertModel.from_pretrained(tmp_path / "saved")
+    assert loaded.config.base_model_name_or_path == Path(tiny_bert).name  # published: no folder of this machine
+    with pytest.raises(ValueError, match=r"the base 'tiny-bert0' to copy the new expert from cannot be loaded .*pass "
+                       r"init_from=, an existing domain \(CVD, COPD"):
+        loaded.add_domain("ONC", tokenizer)
+    assert loaded.add_domain("ONC", tokenizer, init_from=tiny_bert) == 5
+
+
 @torch.no_grad()
 def test_expert_file_round_trip_and_errors(tiny_moe, tiny_bert, tmp_path):
     trained, tokenizer = tiny_moe
@@ -511,15 +525,42 @@ def test_expert_file_round_trip_and_errors(tiny_moe, tiny_bert, tmp_path):
     skin_batch = _encode(small_tokenizer, TEXTS, "SKIN", small)
     torch.testing.assert_close(small(**skin_batch).last_hidden_state, expected, atol=1e-5, rtol=0)
 
+    # refusals: one line each, and the model they were refused by is left exactly as it was
+    from safetensors.torch import load_file, save_file
+
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(ValueError, match="truncated or corrupt"):
-        fresh.load_expert(truncated)
+    foreign = tmp_path / "foreign.safetensors"  # a safetensors file that is no expert file
+    save_file({"weight": torch.zeros(2)}, foreign, metadata={"format": "pt"})
+    incomplete = tmp_path / "incomplete.safetensors"  # an expert file with one layer's tensors removed
+    tensors, metadata = load_file(path), _expert_metadata(path)
+    save_file({k: v for k, v in tensors.items() if not k.startswith("layer.3.")}, incomplete, metadata=metadata)
+    other_domain = tmp_path / "other.safetensors"
+    save_file(tensors, other_domain, metadata=metadata | {"domain": "ONC"})
     middle_only, _ = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS, moe_layers="middle")
-    with pytest.raises(ValueError, match="does not fit this model \\(moe_layers: file \\[0, 1, 2, 3\\], model \\[2\\]"):
-        middle_only.load_expert(path)
-    with pytest.raises(FileNotFoundError):
-        fresh.load_expert(tmp_path / "missing.safetensors")
+    refusals = [
+        (fresh, truncated, ValueError, "truncated or corrupt"),
+        (fresh, foreign, ValueError, r"is not a MoE-BERT expert file \(metadata format 'pt'\)"),
+        (fresh, incomplete, ValueError, r"lacks \['encoder.layer.3.intermediate.dense.bias'.*not a complete expert file"),
+        (middle_only, path, ValueError, r"does not fit this model \(moe_layers: file \[0, 1, 2, 3\], model \[2\]"),
+        (fresh, other_domain, ValueError, "holds the new domain 'ONC': pass tokenizer="),
+        (fresh, tmp_path / "missing.safetensors", FileNotFoundError, "expert file .* not found"),
+    ]
+    for model, file, error, message in refusals:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        config = model.config.to_dict()
+        with pytest.raises(error, match=message):
+            model.load_expert(file)
+        assert model.config.to_dict() == config, file.name
+        for key, tensor in model.state_dict().items():
+            torch.testing.assert_close(tensor, state[key], atol=0, rtol=0, msg=f"{file.name}: {key}")
+
+
+def _expert_metadata(path):
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return f.metadata()
 
 
 def test_modeling_file_imports_only_torch_transformers_and_its_config():

@@ -172,3 +172,29 @@ def test_eval_scores_an_export_beside_its_model_and_refuses_a_domain_it_lacks(ti
     skipped = eval_script.main(["--model", f"onnx={partial}", "--output_dir", str(tmp_path / "e3"), *common])
     assert skipped["onnx"]["COPD"]["error"].startswith("domain 'COPD' is not in the ONNX export")
     assert skipped["onnx"]["CVD"]["roc_auc"] == pytest.approx(results["torch"]["CVD"]["roc_auc"], abs=0.05)
+
+
+def test_two_models_of_the_same_weights_with_other_domains_get_their_own_exports(tiny_bert, tmp_path):
+    first = saved_moe(tiny_bert, tmp_path / "a", domains=("Chou_2004", "Oud_2018"))
+    second = saved_moe(tiny_bert, tmp_path / "b", domains=("Nelson_2002", "Oud_2018"))
+    assert model_fingerprint(first) == model_fingerprint(second)  # upcycled alike: the same weight files
+    load_onnx_encoder(first, 64, 4).encode(TEXTS, "Chou_2004")
+    encoder = load_onnx_encoder(second, 64, 4)
+    assert encoder.config.domains == ["Nelson_2002", "Oud_2018"]
+    np.testing.assert_allclose(encoder.encode(TEXTS, "Nelson_2002"), torch_vectors(second, TEXTS, "Nelson_2002", 64),
+                               atol=0.05)
+
+
+def test_a_recalibrated_model_gives_its_new_probabilities_through_its_cached_export(tiny_bert, tiny_data, tmp_path):
+    folder = saved_moe(tiny_bert, tmp_path / "moe")
+    model = MoEBertModel.from_pretrained(folder)
+    model.config.calibration = {"method": "platt", "fitted_on": "valid", "parameters": {"CVD": [6.0, -4.0]}}
+    model.save_pretrained(folder)
+    assert load_onnx_encoder(folder, 64, 4).cocitation_probability(0.7, "CVD") == pytest.approx(0.5498, abs=1e-4)
+    eval_script.main(["calibrate", "--model", folder, "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset",
+                      f"COPD={tiny_data / 'COPD'}", "--max_seq_length", "64", "--device", "cpu"])
+    recalibrated = MoEBertModel.from_pretrained(folder)
+    encoder = load_onnx_encoder(folder, 64, 4)
+    for domain in ("CVD", "COPD"):
+        assert encoder.cocitation_probability(0.7, domain) == pytest.approx(
+            float(recalibrated.cocitation_probability(0.7, domain)), abs=1e-6)

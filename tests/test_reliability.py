@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DOMAINS
+from conftest import COUNTED_TRAIN, DOMAINS, counted_steps
 from test_train import run_train
 
 import train
@@ -104,15 +104,67 @@ def _saved(model, tokenizer, folder, card):
     return folder
 
 
+def test_a_save_leaves_exactly_the_new_models_files_beside_what_is_not_the_model(tiny_bert, tmp_path):
+    from modeling_moebert import MoEBertModel
+
+    old_model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)  # with experts/<DOMAIN>.safetensors
+    new_model = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS, num_experts=1)[0]  # one shared expert: no experts/
+    card = {"domains": DOMAINS, "datasets": {}, "args": {"output_dir": "out"}, "metrics": {}, "step": 1}
+    folder = tmp_path / "out"
+    training.save_model(old_model, tokenizer, folder, card)
+    (folder / "checkpoint-3").mkdir()
+    (folder / "checkpoint-3" / "optimizer.bin").write_bytes(b"state")
+    training.save_model(new_model, MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[1], folder, card)
+    reference = _saved(new_model, MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[1], tmp_path / "reference", card)
+
+    def files(where):
+        return sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
+
+    assert files(folder) == sorted(files(reference) + ["checkpoint-3/optimizer.bin"])
+    assert not (folder / "experts").exists()
+
+
+def test_a_run_started_after_a_kill_between_the_renames_of_a_save_finishes_it_and_resumes(tiny_bert, tiny_data,
+                                                                                        tmp_path, monkeypatch,
+                                                                                        optimizer_steps, capsys):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    steps = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
+    replace = os.replace
+
+    def killed_between_the_renames(source, target):
+        replace(source, target)
+        if Path(target).name == ".old-out":  # the old folder is aside; the new one is not in place yet
+            raise SimulatedKill("between the two renames of the final save")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", killed_between_the_renames)
+        with pytest.raises(SimulatedKill):
+            run_train(tiny_bert, tiny_data, out, *steps)
+    assert not out.exists() and (tmp_path / ".tmp-out" / "model.safetensors").is_file()
+    saved = load_file(tmp_path / ".tmp-out" / "model.safetensors")
+    optimizer_steps.clear()
+    capsys.readouterr()
+    card = run_train(tiny_bert, tiny_data, out, *steps, "--resume_from_checkpoint", "latest")
+    assert f"{out}: finished the model save a kill had interrupted" in capsys.readouterr().out
+    assert card["step"] == 2 and optimizer_steps == []  # its checkpoints were found: nothing left to train
+    for key, tensor in load_file(out / "model.safetensors").items():
+        torch.testing.assert_close(tensor, saved[key], atol=0, rtol=0, msg=key)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".old"))]
+
+
 # ------------------------------------------------------------------------------------------------ preemption
 
 
-def start_training(tiny_bert, data, output_dir, *extra):
-    command = [sys.executable, train.__file__, "--model_name_or_path", tiny_bert, "--dataset", f"CVD={data / 'CVD'}",
-               "--dataset", f"COPD={data / 'COPD'}", "--output_dir", str(output_dir), "--per_device_train_batch_size",
-               "4", "--max_seq_length", "32", "--seed", "3", "--max_train_steps", "100000", "--eval_steps", "0", *extra]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=os.environ | {"HF_HUB_OFFLINE": "1"})
+def start_training(tiny_bert, data, output_dir, *extra, env=None):
+    """train.py in a subprocess (counted_train.py: its optimizer steps go to OUTPUT_DIR.steps.0), output streamed."""
+    command = [sys.executable, str(COUNTED_TRAIN), "--recipe", "quick", "--model_name_or_path", tiny_bert, "--dataset",
+               f"CVD={data / 'CVD'}", "--dataset", f"COPD={data / 'COPD'}", "--output_dir", str(output_dir),
+               "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--seed", "3", "--max_train_steps",
+               "100000", "--eval_steps", "0", *extra]
+    environment = os.environ | {"HF_HUB_OFFLINE": "1", "COUNTED_STEPS": str(steps_record(output_dir))} | (env or {})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment)
     streams = {"out": "", "err": ""}
 
     def read(name, stream):  # whatever arrives (progress bars end their updates with \r, not \n)
@@ -124,6 +176,10 @@ def start_training(tiny_bert, data, output_dir, *extra):
     return process, streams
 
 
+def steps_record(output_dir: Path) -> Path:
+    return output_dir.with_name(f"{output_dir.name}.steps")
+
+
 def wait_for(streams, name, text, process, timeout=120):
     deadline = time.time() + timeout
     while text not in streams[name] and process.poll() is None and time.time() < deadline:
@@ -131,34 +187,76 @@ def wait_for(streams, name, text, process, timeout=120):
     assert text in streams[name], streams["err"][-3000:]
 
 
+def stopped_line(streams) -> str:
+    time.sleep(0.2)  # the reader threads drain the pipes
+    stopped = [line for line in streams["out"].splitlines() if line.startswith("stopped by")]
+    assert stopped, streams["err"][-3000:]
+    return stopped[0]
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from(tiny_bert, tiny_data, tmp_path, signum):
+def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from(tiny_bert, tiny_data, tmp_path, signum,
+                                                                                optimizer_steps):
+    warmup = 10_000  # --max_train_steps 100000: the learning rate climbs by 5e-5 / 10000 a step throughout
     out = tmp_path / "out"
     process, streams = start_training(tiny_bert, tiny_data, out)
     wait_for(streams, "err", "training:", process)  # the loop has started
     time.sleep(0.5)
     process.send_signal(signum)
     assert process.wait(timeout=120) == 128 + signum
-    time.sleep(0.2)  # the reader threads drain the pipes
-    stopped = [line for line in streams["out"].splitlines() if line.startswith("stopped by")]
-    assert stopped, streams["err"][-3000:]
-    step = int(stopped[0].split("after step ")[1].split(":")[0])
-    assert step > 0 and f"checkpoint in {out / f'checkpoint-{step}'}" in stopped[0]
-    assert stopped[0].rstrip().endswith("--resume_from_checkpoint latest")
+    stopped = stopped_line(streams)
+    step = int(stopped.split("after step ")[1].split(":")[0])
+    assert step > 0 and f"checkpoint in {out / f'checkpoint-{step}'}" in stopped
+    assert stopped.rstrip().endswith("--resume_from_checkpoint latest")
+    taken = counted_steps(steps_record(out))  # it stopped right after the step it names
+    assert taken == pytest.approx([5e-5 * k / warmup for k in range(step)], rel=1e-6, abs=1e-15)
     assert (out / f"checkpoint-{step}" / "model" / "config.json").is_file() and not (out / "model.safetensors").exists()
-    card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", str(step + 2), "--eval_steps", "0",
-                     "--resume_from_checkpoint", "latest")
-    assert card["step"] == step + 2
+    optimizer_steps.stop_after = 2  # this process signals itself after two steps of the resumed run
+    with pytest.raises(SystemExit, match=f"^{128 + signal.SIGTERM}$"):
+        run_train(tiny_bert, tiny_data, out, "--max_train_steps", "100000", "--eval_steps", "0",
+                  "--resume_from_checkpoint", "latest")
+    # the checkpoint's step, schedule and weights went on: the next two steps at the uninterrupted run's rates
+    assert optimizer_steps == pytest.approx([5e-5 * k / warmup for k in (step, step + 1)], rel=1e-6)
+    assert (out / f"checkpoint-{step + 2}" / "model" / "model.safetensors").is_file()
 
 
-def test_a_second_signal_exits_at_once(tiny_bert, tiny_data, tmp_path):
-    process, streams = start_training(tiny_bert, tiny_data, tmp_path / "out")
+def test_a_second_signal_exits_at_once_and_the_checkpoints_before_survive(tiny_bert, tiny_data, tmp_path,
+                                                                          optimizer_steps):
+    out = tmp_path / "out"
+    process, streams = start_training(tiny_bert, tiny_data, out, "--checkpointing_steps", "1",
+                                      "--checkpoints_total_limit", "0")
     wait_for(streams, "err", "training:", process)
+    while not training.checkpoints(out) and process.poll() is None:
+        time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     wait_for(streams, "err", "SIGTERM: stopping after this step", process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == -signal.SIGTERM  # killed by the signal itself, no clean-up
     assert "stopped by" not in streams["out"]
+    kept = sorted(training.checkpoint_step(p) for p in training.checkpoints(out))
+    assert kept and kept == list(range(1, kept[-1] + 1))  # every checkpoint written before, complete
+    for step in kept:
+        assert json.loads((out / f"checkpoint-{step}" / "model" / "training_state.json").read_text())["step"] == step
+    card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", str(kept[-1] + 1), "--eval_steps", "0",
+                     "--resume_from_checkpoint", "latest")
+    assert card["step"] == kept[-1] + 1 and len(optimizer_steps) == 1
+
+
+def test_a_stop_waits_for_a_hanging_hub_upload_only_stop_timeout_seconds(tiny_bert, tiny_data, tmp_path):
+    from fake_hub import FakeHub
+
+    out = tmp_path / "out"
+    with FakeHub(hang=90) as hub:  # every commit takes 90 s to answer: the network of a machine going away
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf")}
+        process, streams = start_training(tiny_bert, tiny_data, out, "--checkpointing_steps", "1", "--push_to_hub",
+                                          "--hub_model_id", "lab/moebert-test", "--stop_timeout", "2", env=env)
+        while not training.checkpoints(out) and process.poll() is None:
+            time.sleep(0.02)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 128 + signal.SIGTERM  # long before the upload could answer
+    assert "were still under way after 2 s and are abandoned; the local files are intact" in streams["err"]
+    step = int(stopped_line(streams).split("after step ")[1].split(":")[0])
+    assert (out / f"checkpoint-{step}" / "model" / "model.safetensors").is_file()
 
 
 def test_the_resume_command_keeps_every_flag_but_the_old_resume():
@@ -171,13 +269,59 @@ def test_the_resume_command_keeps_every_flag_but_the_old_resume():
 
 
 def local_paths_in(folder, local_prefixes) -> list[str]:
-    """Text files under `folder` (json, jsonl, md, txt) that name a folder of this machine."""
+    """Files under `folder` (json, jsonl, md, txt, and the metadata of safetensors files) that name a folder of this
+    machine."""
+    from safetensors import safe_open
+
     found = []
     for path in folder.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".md", ".txt"):
             text = path.read_text(errors="replace")
-            found += [f"{path.relative_to(folder)}: {p}" for p in local_prefixes if p in text]
+        elif path.is_file() and path.suffix == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                text = json.dumps(f.metadata())
+        else:
+            continue
+        found += [f"{path.relative_to(folder)}: {p}" for p in local_prefixes if p in text]
     return found
+
+
+def test_a_model_upcycled_from_a_local_folder_names_its_base_by_name_wherever_it_goes(tiny_bert, tiny_data, tmp_path,
+                                                                                   monkeypatch):
+    import onnx_backend
+    from huggingface_hub import ModelCard
+
+    import eval as evaluation
+    from modeling_moebert import MoEBertModel
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the base's folder is neither the working directory nor below it
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+    model.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    model.save_expert("CVD", tmp_path / "start" / "experts" / "CVD.safetensors")
+    model.add_domain("ONC", tokenizer, init_from="CVD")
+    model.save_expert("ONC", tmp_path / "ONC.safetensors")
+    out = tmp_path / "out"
+    run_train(str(tmp_path / "start"), tiny_data, out, "--max_train_steps", "1", "--stem_cache_dir",
+              str(tmp_path / "stems"))
+    trained, trained_tokenizer = MoEBertModel.from_pretrained(out), None
+    from transformers import AutoTokenizer
+
+    trained_tokenizer = AutoTokenizer.from_pretrained(out)
+    trained.load_expert(tmp_path / "ONC.safetensors", tokenizer=trained_tokenizer)
+    trained.save_pretrained(tmp_path / "grown")
+    trained.save_expert("ONC", tmp_path / "grown" / "experts" / "ONC.safetensors")
+    evaluation.main(["calibrate", "--model", str(out), "--dataset", f"CVD={tiny_data / 'CVD'}", "--max_seq_length",
+                     "32", "--device", "cpu"])
+    onnx_backend.main(["export", "--model", str(out), "--output_dir", str(tmp_path / "export"), "--quantize", "none"])
+    local = [str(tmp_path), str(Path(tiny_bert).resolve()), str(Path.home()), sys.prefix]
+    for folder in ("start", "out", "grown", "export"):
+        assert not local_paths_in(tmp_path / folder, local), local_paths_in(tmp_path / folder, local)
+    assert not local_paths_in(tmp_path, [str(Path(tiny_bert).resolve())])  # the ONC expert file too
+    base = Path(tiny_bert).name
+    assert json.loads((out / "config.json").read_text())["base_model_name_or_path"] == base
+    assert ModelCard.load(out / "README.md").data.base_model == base
 
 
 def test_no_published_file_names_a_folder_of_this_machine(tiny_data, tmp_path, monkeypatch):
@@ -219,7 +363,8 @@ def test_public_names_of_local_folders(tmp_path, monkeypatch):
     assert public_name(str(cache)) == "allenai/scibert_scivocab_uncased"
     assert public_name(str(tmp_path / "data" / "CVD")) == "data/CVD"  # under the working directory: relative
     assert public_name(str(tmp_path.parent / "elsewhere" / "bert")) == "bert"
-    assert public_name("bert-base-uncased") == "bert-base-uncased" and public_name("../x/y") == "../x/y"
+    assert public_name("bert-base-uncased") == "bert-base-uncased" and public_name("data/CVD") == "data/CVD"
+    assert public_name("../x/y") == "y" and public_name("data/../../x/y") == "y"  # folders outside: their name
 
 
 # ------------------------------------------------------------------------------------------------ bad files, full disks
@@ -250,26 +395,39 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_to_resu
         torch.testing.assert_close(tensor, straight[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_model(tiny_bert, tiny_data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("full_at", ["best_model", "checkpoint", "final"])
+def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_model(tiny_bert, tiny_data, tmp_path, monkeypatch,
+                                                                       full_at):
     import errno
 
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    run_train(tiny_bert, tiny_data, out, "--max_train_steps", "1")
+    steps = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
+    run_train(tiny_bert, tiny_data, out, "--max_train_steps", "1", *steps)
     before = load_file(out / "model.safetensors")
+    checkpoint = load_file(out / "checkpoint-1" / "model" / "model.safetensors")
     save_pretrained = train.MoEBertModel.save_pretrained
+    where = {"best_model": ".tmp-best_model", "checkpoint": ".tmp-checkpoint-2", "final": ".tmp-out"}[full_at]
 
     def disk_full(self, folder, *args, **kwargs):
         save_pretrained(self, folder, *args, **kwargs)  # part of the files are written, then the disk is full
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        if where in Path(folder).parts:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(train.MoEBertModel, "save_pretrained", disk_full)
-    with pytest.raises(SystemExit, match="No space left on device.*every finished checkpoint are intact"):
-        run_train(tiny_bert, tiny_data, out, "--max_train_steps", "2", "--learning_rate", "1e-2")
+    with pytest.raises(SystemExit, match=r"^error: cannot write .*No space left on device.*every finished checkpoint are "
+                                         r"intact\. .*resume with --resume_from_checkpoint latest\.$"):
+        resume = [] if full_at == "best_model" else ["--resume_from_checkpoint", "latest", "--eval_steps", "0"]
+        run_train(tiny_bert, tiny_data, out, "--max_train_steps", "2", "--learning_rate", "1e-2", *steps, *resume)
     for key, tensor in load_file(out / "model.safetensors").items():
         torch.testing.assert_close(tensor, before[key], atol=0, rtol=0, msg=key)
-    assert not (tmp_path / ".tmp-out").exists() and not (out / ".tmp-best_model").exists()  # the space is given back
+    for key, tensor in load_file(out / "checkpoint-1" / "model" / "model.safetensors").items():
+        torch.testing.assert_close(tensor, checkpoint[key], atol=0, rtol=0, msg=key)
+    leftovers = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob(".tmp-*")]
+    assert not leftovers  # the half-written copy's space is given back
+    if full_at == "final":  # the checkpoint of step 2 was written before the disk filled up
+        assert (out / "checkpoint-2" / "model" / "model.safetensors").is_file()
 
 
 def test_a_truncated_weights_file_is_refused_in_one_line(tiny_bert, tiny_data, tmp_path):
@@ -283,8 +441,19 @@ def test_a_truncated_weights_file_is_refused_in_one_line(tiny_bert, tiny_data, t
     with pytest.raises(ValueError, match="truncated or corrupt; download or copy it again"):
         encoders.load_encoder(str(out), 32, 2, "cpu")
     with pytest.raises(SystemExit, match="truncated or corrupt"):  # continuing training from it
-        train.main(["--model_name_or_path", str(out), "--dataset", f"CVD={tiny_data / 'CVD'}", "--output_dir",
+        train.main(["--recipe", "quick", "--model_name_or_path", str(out), "--dataset", f"CVD={tiny_data / 'CVD'}", "--output_dir",
                     str(tmp_path / "more"), "--max_seq_length", "32"])
+
+
+def test_stored_stem_states_cut_short_end_the_run_in_one_line(tiny_bert, tiny_data, tmp_path):
+    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "1", "--stem_cache_dir", str(tmp_path / "stems"))
+    [states] = (tmp_path / "stems").glob("*/states.npy")
+    with open(states, "r+b") as f:
+        f.truncate(states.stat().st_size // 2)
+    with pytest.raises(SystemExit, match=r"^error: stem states in .* are cut short or do not match their inputs: delete "
+                                         r"the folder to rebuild it\.$"):
+        run_train(tiny_bert, tiny_data, tmp_path / "again", "--max_train_steps", "1", "--stem_cache_dir",
+                  str(tmp_path / "stems"))
 
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny_bert, tiny_data, tmp_path):
@@ -313,6 +482,7 @@ def test_bad_rows_of_a_citation_graph_are_named_or_counted(tmp_path, capsys):
         with pytest.raises(SystemExit):
             build_from(rows + extra, links)
         assert re.search(message, capsys.readouterr().err.splitlines()[-1])
+        assert not (tmp_path / "out").exists()  # nothing written
     # empty texts, citations of unknown papers, self-citations and repeated links: dropped and counted
     def graph_counts():
         return json.loads((tmp_path / "out" / "summary.json").read_text())["graph"]

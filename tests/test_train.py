@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import COUNTED_TRAIN, TEXTS, counted_steps
 from safetensors.torch import load_file
 
 import train
@@ -119,7 +119,7 @@ def test_a_guide_leaves_out_candidates_it_scores_above_the_positive(tiny_bert, t
 def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout, hard_negatives):
     from accelerate import Accelerator
 
-    model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     model.train(dropout)
     datasets = train.load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
     pairs, known = training.training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
@@ -130,7 +130,7 @@ def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data
     def gradients(mini_batch_size, chunked_reference=False):
         model.zero_grad()
         torch.manual_seed(7)
-        args = train.parse_args(["--cached_mini_batch_size", str(mini_batch_size or 0)])
+        args = train.parse_args(["--recipe", "quick", "--cached_mini_batch_size", str(mini_batch_size or 0)])
         if chunked_reference:  # the same dropout draws as the cached step: a then b, mini-batch by mini-batch
             parts = [[model(**{k: v[rows] for k, v in batch[s].items()}, domain_ids=batch["domain_ids"][rows]).pooler_output
                       for s in ("a", "b")] for rows in torch.arange(8).split(mini_batch_size)]
@@ -197,7 +197,7 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tm
 
 def run_train(tiny_bert, data, output_dir, *extra):
     return train.main(
-        ["--model_name_or_path", tiny_bert, "--dataset", f"CVD={data / 'CVD'}", "--dataset", f"COPD={data / 'COPD'}",
+        ["--recipe", "quick", "--model_name_or_path", tiny_bert, "--dataset", f"CVD={data / 'CVD'}", "--dataset", f"COPD={data / 'COPD'}",
          "--output_dir", str(output_dir), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
          "--max_seq_length", "32", "--seed", "3", *extra]
     )
@@ -206,7 +206,7 @@ def run_train(tiny_bert, data, output_dir, *extra):
 def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModel
 
-    model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     collate = training.make_collate(model, tokenizer, 32)
     pairs, _ = training.training_pairs({"CVD": train.load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
     batch = collate([pairs[i] for i in range(len(pairs))])
@@ -232,7 +232,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
 def test_attention_dropout_reaches_every_attention_block_and_the_saved_config(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModel
 
-    model, tokenizer = train.load_model(train.parse_args(["--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -266,26 +266,6 @@ def test_every_domain_expert_is_written_as_its_own_file(tiny_bert, tiny_data, tm
     batch = tokenizer(["[CVD] " + TEXTS[0]], return_tensors="pt")
     with torch.no_grad():
         torch.testing.assert_close(fresh(**batch).pooler_output, trained(**batch).pooler_output, atol=1e-6, rtol=0)
-
-
-@pytest.fixture
-def optimizer_steps(monkeypatch):
-    """The learning rate of every optimizer step train.py takes, in order."""
-    learning_rates = []
-    make_optimizer = train.make_optimizer
-
-    class CountedAdamW(torch.optim.AdamW):
-        def step(self, closure=None):
-            learning_rates.append(self.param_groups[0]["lr"])
-            return super().step(closure)
-
-    def counted(model, args):
-        optimizer = make_optimizer(model, args)
-        optimizer.__class__ = CountedAdamW
-        return optimizer
-
-    monkeypatch.setattr(train, "make_optimizer", counted)
-    return learning_rates
 
 
 @pytest.mark.parametrize("resume_from, accumulation", [("latest", "1"), ("last-checkpoint", "1"), ("latest", "2")])
@@ -345,7 +325,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_d
     straight_steps = list(optimizer_steps)
     optimizer_steps.clear()
     killed = tmp_path / "killed"
-    command = [sys.executable, train.__file__, "--model_name_or_path", tiny_bert, "--dataset", f"CVD={tiny_data / 'CVD'}",
+    command = [sys.executable, train.__file__, "--recipe", "quick", "--model_name_or_path", tiny_bert, "--dataset", f"CVD={tiny_data / 'CVD'}",
                "--dataset", f"COPD={tiny_data / 'COPD'}", "--output_dir", str(killed), "--per_device_train_batch_size",
                "4", "--learning_rate", "1e-3", "--max_seq_length", "32", "--seed", "3", *steps]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -374,23 +354,25 @@ def test_malformed_data_is_refused_before_training(tiny_bert, tmp_path):
     for split in ("train", "valid", "test"):
         pd.DataFrame({"a": ["x"], "text_b": ["y"], "label": [1]}).to_csv(folder / f"{split}.csv", index=False)
     with pytest.raises(SystemExit, match=r"lacks columns \['b'\]"):
-        train.main(["--model_name_or_path", tiny_bert, "--dataset", f"CVD={folder}", "--output_dir", str(tmp_path / "o")])
+        train.main(["--recipe", "quick", "--model_name_or_path", tiny_bert, "--dataset", f"CVD={folder}", "--output_dir", str(tmp_path / "o")])
 
 
 def launch_two_processes(tiny_bert, tiny_data, output_dir, env, *extra):
+    """train.py in two processes (counted_train.py: each records its optimizer steps in COUNTED_STEPS.<rank>)."""
     import os
     import subprocess
     import sys
 
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", "29533", str(train.Path(train.__file__)), "--model_name_or_path", tiny_bert,
+        "--main_process_port", "29533", str(COUNTED_TRAIN), "--recipe", "quick", "--model_name_or_path", tiny_bert,
         "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
         "--per_device_train_batch_size", "2", "--max_seq_length", "32", "--max_train_steps", "2",
         "--checkpointing_steps", "1", "--output_dir", str(output_dir), "--batching", "domain",  # one expert idle
         "--cached_mini_batch_size", "1", *extra,
     ]
-    environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"HF_HUB_OFFLINE": "1"} | env
+    environment = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"} | {"HF_HUB_OFFLINE": "1"}
+    environment |= {"COUNTED_STEPS": str(output_dir.parent / "steps")} | env
     return subprocess.run(command, env=environment, capture_output=True, text=True)
 
 
@@ -414,19 +396,26 @@ def test_two_processes_resume_where_their_checkpoint_stopped(tiny_bert, tiny_dat
     import re
     import shutil
 
-    use_cpu, steps = {"ACCELERATE_USE_CPU": "true"}, ("--max_train_steps", "3", "--checkpoints_total_limit", "0")
-    straight = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu, *steps)
+    use_cpu = {"ACCELERATE_USE_CPU": "true"}
+    steps = ("--max_train_steps", "3", "--checkpoints_total_limit", "0", "--no-select_experts_per_domain")
+    straight = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu | {"COUNTED_STEPS": str(
+        tmp_path / "straight")}, *steps)
     assert straight.returncode == 0, straight.stderr[-3000:]
+    straight_steps = [counted_steps(tmp_path / "straight", rank) for rank in (0, 1)]
+    assert [len(s) for s in straight_steps] == [3, 3] and "trained steps 1..3" in straight.stdout
     final = load_file(tmp_path / "out" / "model.safetensors")
     for later in ("checkpoint-2", "checkpoint-3", "model.safetensors"):  # as if killed after step 1's checkpoint
         (tmp_path / "out" / later).unlink() if later.endswith(".safetensors") else shutil.rmtree(tmp_path / "out" / later)
-    resumed = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu, *steps,
-                                   "--resume_from_checkpoint", "latest")
+    resumed = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu | {"COUNTED_STEPS": str(
+        tmp_path / "resumed")}, *steps, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # each process took exactly the two remaining steps, at the uninterrupted run's learning rates
+    for rank in (0, 1):
+        assert counted_steps(tmp_path / "resumed", rank) == pytest.approx(straight_steps[rank][1:], rel=1e-9)
     learning_rate = re.search(r"at step 1, learning rate (\S+)", resumed.stdout)
-    assert learning_rate and float(learning_rate[1]) > 0  # the scheduler's state, not a fresh warm-up from 0
-    assert "trained steps 2..3 in this run" in resumed.stdout and "trained steps 1..3" in straight.stdout
-    for key, tensor in load_file(tmp_path / "out" / "model.safetensors").items():
+    assert learning_rate and float(learning_rate[1]) == pytest.approx(straight_steps[0][1], rel=1e-6)
+    assert "trained steps 2..3 in this run" in resumed.stdout
+    for key, tensor in load_file(tmp_path / "out" / "model.safetensors").items():  # the last step's weights
         torch.testing.assert_close(tensor, final[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
@@ -478,7 +467,7 @@ def test_continuing_a_checkpoint_trains_each_domain_on_its_own_expert(tiny_bert,
     model.save_pretrained(tmp_path / "start")
     tokenizer.save_pretrained(tmp_path / "start")
     # COPD alone, the checkpoint's second domain: its pairs must reach expert 1, never expert 0 (CVD)
-    train.main(["--model_name_or_path", str(tmp_path / "start"), "--dataset", f"COPD={tiny_data / 'COPD'}",
+    train.main(["--recipe", "quick", "--model_name_or_path", str(tmp_path / "start"), "--dataset", f"COPD={tiny_data / 'COPD'}",
                 "--output_dir", str(tmp_path / "out"), "--per_device_train_batch_size", "4", "--learning_rate", "1e-3",
                 "--max_seq_length", "32", "--max_train_steps", "2", "--no-select_experts_per_domain"])
     start, trained = model.state_dict(), load_file(tmp_path / "out" / "model.safetensors")
@@ -532,7 +521,7 @@ def run_train_process(tiny_bert, tiny_data, output_dir, hub, *extra):
     import sys
 
     command = [
-        sys.executable, str(train.Path(train.__file__)), "--model_name_or_path", tiny_bert,
+        sys.executable, str(train.Path(train.__file__)), "--recipe", "quick", "--model_name_or_path", tiny_bert,
         "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
         "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--max_train_steps", "2",
         "--output_dir", str(output_dir), "--push_to_hub", "--hub_model_id", "lab/moebert-test", *extra,
@@ -591,7 +580,8 @@ def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "failed 3 times" in result.stderr and "The local copy in" in result.stderr
     assert "pushed to" not in result.stdout and "pushes to lab/moebert-test did not arrive" in result.stderr
-    assert hub.requests.count(("POST", "/api/repos/create")) >= 3  # retried
+    pushes_tried = result.stderr.count("failed 3 times")  # a push that waited is replaced by a newer one, untried
+    assert pushes_tried >= 1 and hub.requests.count(("POST", "/api/repos/create")) == 3 * pushes_tried  # each 3 times
     assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in out.iterdir()}
     AutoModel.from_pretrained(out, trust_remote_code=True)
 
@@ -675,12 +665,39 @@ def test_the_final_model_is_assembled_from_each_domains_best_expert(tiny_bert, t
 
 def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--push_to_hub"])
+        train.parse_args(["--recipe", "quick", "--push_to_hub"])
     assert "--push_to_hub needs --hub_model_id ORG/NAME" in capsys.readouterr().err
     monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit):
-        train.parse_args(["--push_to_hub", "--hub_model_id", "lab/x"])
+        train.parse_args(["--recipe", "quick", "--push_to_hub", "--hub_model_id", "lab/x"])
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failures", [2, 5])
+def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp_path, capsys, failures):
+    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging", backoff_s=0)
+    calls = {"create": 0, "upload": 0}
+
+    def create_repo(*args, **kwargs):
+        calls["create"] += 1
+        if calls["create"] <= failures:
+            raise ConnectionError("network is unreachable")
+
+    def upload_folder(**kwargs):
+        calls["upload"] += 1
+
+    pusher.api.create_repo, pusher.api.upload_folder = create_repo, upload_folder
+    (tmp_path / "model.safetensors").write_text("step 1")
+    pusher.push(tmp_path, ["model.safetensors"], "", "step 1")
+    pusher.finish()
+    out, err = capsys.readouterr()
+    if failures == 2:  # the third try goes through
+        assert calls == {"create": 3, "upload": 1} and "warning" not in err and "pushed to" in out
+    else:
+        assert calls == {"create": 3, "upload": 0} and "pushed to" not in out
+        assert "pushing 'step 1' to the Hub repo lab/moebert-test failed 3 times (ConnectionError: network is " \
+               "unreachable)" in err
+    assert (tmp_path / "model.safetensors").read_text() == "step 1"
 
 
 def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
@@ -783,13 +800,13 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
 def test_the_embedded_base_is_recorded_by_its_hub_id_and_still_grows_offline(tmp_path):
     from defaults import DEFAULT_BASE_MODEL_ID
 
-    model, tokenizer = train.load_model(train.parse_args([]), ["CVD"])
+    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick"]), ["CVD"])
     assert model.config.base_model_name_or_path == DEFAULT_BASE_MODEL_ID  # not a site-packages folder
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert str(train.default_base_model()) not in (tmp_path / "config.json").read_text()
     # continuing it with a new domain (HF_HUB_OFFLINE=1): the new expert starts from the embedded base's blocks
-    grown, _ = train.load_model(train.parse_args(["--model_name_or_path", str(tmp_path)]), ["CVD", "ONC"])
+    grown, _ = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", str(tmp_path)]), ["CVD", "ONC"])
     cvd, onc = (grown.expert_state(grown.config.expert_of_domain(i)) for i in (0, 1))
     for key, tensor in cvd.items():
         torch.testing.assert_close(onc[key.replace(".experts.0.", ".experts.1.")], tensor, atol=0, rtol=0)
