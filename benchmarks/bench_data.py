@@ -1,6 +1,6 @@
 """Time and peak memory of building co-citation pairs from a generated citation graph.
 
-    python benchmarks/bench_data.py [--papers 100000] [--links 1000000] [--domains 5]
+    python -m benchmarks.bench_data [--papers 100000] [--links 1000000] [--domains 5]
 
 The graph mixes ordinary papers (about 10 references) with reviews (2% of citing papers, about 100 references,
 which produce most co-cited pairs), all papers cited with a long-tailed popularity. Texts are short generated
@@ -9,17 +9,13 @@ strings, so the figures measure the graph work rather than copying long abstract
 
 import argparse
 import resource
-import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.cocitation import BuildOptions, build_pairs, make_graph, write_pairs  # noqa: E402
+from moebert.cocitation import BuildOptions, build_pairs, make_graph, write_pairs
 
 
 def generated_graph(n_papers: int, n_links: int, n_domains: int, seed: int = 0):

@@ -1,6 +1,6 @@
 """Texts per second of every way to embed a collection on this CPU, side by side in one run.
 
-    python benchmarks/bench_encode.py [--texts 2000] [--max_seq_length 256] [--batch_size 32]
+    python -m benchmarks.bench_encode [--texts 2000] [--max_seq_length 256] [--batch_size 32]
                                       [--model PATH] [--st_onnx_python .venv-st-onnx/bin/python]
 
 Every row embeds the same SYNERGY abstracts (the first N shipped papers by id) at the same length, in a fresh
@@ -11,9 +11,10 @@ process of its own (so each reports its own peak memory), after a warm-up on 64 
   the config for this CPU): the alternative a user would pick. It needs `optimum-onnx`, which requires
   transformers < 4.58, so it runs in its own environment (benchmarks/requirements-st-onnx.txt) given by
   `--st_onnx_python`; without it the row is skipped;
-- ours (`search.embed`: each text through its domain's expert; `--model`, default the embedded base upcycled into
-  the SYNERGY domains) on torch fp32, torch under bf16 autocast (where bf16 is native), ONNX Runtime fp32 and ONNX
-  Runtime int8 (onnx_backend; exported in a process of its own before, the export time printed apart).
+- ours (`moebert.search_index.embed`: each text through its domain's expert; `--model`, default the embedded base
+  upcycled into the SYNERGY domains) on torch fp32, torch under bf16 autocast (where bf16 is native), ONNX Runtime
+  fp32 and ONNX Runtime int8 (moebert.onnx_export; exported in a process of its own before, the export time printed
+  apart).
 
 Prints texts/s, the ratio to the reference, the lowest cosine of each vector to its fp32 twin (ours: torch fp32;
 sentence-transformers' ONNX: its own fp32) and the process's peak memory. The rows that use no bf16 are what a CPU
@@ -73,16 +74,21 @@ def avx512_vnni() -> bool:
 def our_embed(args, row: str):
     """(embed function of texts and domains, the seconds spent loading and exporting before it, the batch size).
     ONNX exports land in a cache inside the run's work folder: the first call exports, later ones reuse."""
-    sys.path.insert(0, str(ROOT))
+    os.environ["MOEBERT_CACHE"] = str(Path(args.work) / "cache")
     import torch
 
-    from search import EMBEDDED_MODEL, embed, load_encoder
+    from moebert.encoding import EncodingOptions
+    from moebert.onnx_export import cached_onnx_encoder
+    from moebert.search_index import EMBEDDED_MODEL, embed, index_encoder
 
-    os.environ["MOEBERT_CACHE"] = str(Path(args.work) / "cache")
     started = time.perf_counter()
     backend, precision = row.split("-")
-    encoder, _, _ = load_encoder(args.model or EMBEDDED_MODEL, args.max_seq_length, args.batch_size, "cpu", backend,
-                                 "none" if precision == "fp32" else "int8")
+    options = EncodingOptions("torch", "fp32", args.batch_size, args.max_seq_length, "cpu")
+    encoder, _, fingerprint = index_encoder(args.model or EMBEDDED_MODEL, options)
+    if backend == "onnx":  # the model's cached export, with int8 weights or in fp32
+        model = encoder.model
+        encoder = cached_onnx_encoder(fingerprint, lambda: (model, encoder.tokenizer), args.max_seq_length,
+                                      args.batch_size or 8, "none" if precision == "fp32" else "int8")
     setup = time.perf_counter() - started
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -139,12 +145,11 @@ def main():
     if args.row:
         return run_row(args)
 
-    sys.path.insert(0, str(ROOT))
     import torch
 
-    from defaults import default_base_model
-    from encoders import bf16_is_native
-    from search import shipped_papers
+    from moebert.device import bf16_is_native
+    from moebert.names import default_base_model
+    from moebert.search_index import shipped_papers
 
     papers = shipped_papers().head(args.texts)
     bf16 = bf16_is_native("cpu")
@@ -160,7 +165,7 @@ def main():
         texts_file.write_text(json.dumps({"texts": papers["text"].tolist(), "domains": papers["domain"].tolist()}))
         for row in rows:
             python = args.st_onnx_python if row == "st-onnx-int8" else sys.executable
-            command = [python, __file__, "--row", row, "--work", work, "--texts_file", str(texts_file),
+            command = [python, "-m", "benchmarks.bench_encode", "--row", row, "--work", work, "--texts_file", str(texts_file),
                        "--base", default_base_model(), "--max_seq_length", str(args.max_seq_length),
                        ] + (["--batch_size", str(args.batch_size)] if args.batch_size else []) + (
                        ["--model", args.model] if args.model else [])
@@ -176,7 +181,7 @@ def main():
 
 
 def child(command: list[str]) -> dict | None:
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         print(f"  failed:\n{done.stderr[-2000:]}")
         return None

@@ -1,6 +1,6 @@
 """Throughput of MoE-BERT against its dense base, on the same inputs, in one run.
 
-    python benchmarks/bench_model.py [--model_name_or_path PATH] [--batch_size 32] [--seq_len 256] [--repeats 5]
+    python -m benchmarks.bench_model [--model_name_or_path PATH] [--batch_size 32] [--seq_len 256] [--repeats 5]
 
 Prints sequences/s for inference (dense base; MoE with one expert per domain on a mixed-domain batch and on a
 single-domain batch; the same MoE with a naive dispatch that runs every expert on every token), the time of a training step
@@ -9,19 +9,15 @@ single-domain batch; the same MoE with a naive dispatch that runs every expert o
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from transformers import BertModel
 
-from transformers import BertModel  # noqa: E402
-
-from benchmarks.naive_routing import naive_routing  # noqa: E402
-from defaults import default_base_model  # noqa: E402
-from modeling_moebert import MoEBertLayer, MoEBertModel  # noqa: E402
+from benchmarks.naive_routing import naive_routing
+from modeling_moebert import MoEBertLayer, MoEBertModel
+from moebert.names import default_base_model
 
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
 

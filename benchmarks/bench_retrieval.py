@@ -1,6 +1,6 @@
 """Retrieval on co-citation: can a model find a paper's co-cited partners among all test papers of all domains?
 
-    python benchmarks/bench_retrieval.py [--model NAME=PATH ...] [--output_dir docs]
+    python -m benchmarks.bench_retrieval [--model NAME=PATH ...] [--output_dir docs] [--precision auto] [--backend onnx]
 
 Every `test` paper of the embedded SYNERGY sample is in the collection, embedded by its own domain's expert (an
 index knows its papers' domains). Every test paper with co-cited partners in `test` is a query. Reported: MRR,
@@ -8,23 +8,23 @@ Recall@10, nDCG@10, searching the whole collection and only the query's domain; 
 gold domain, with the domain predicted by `search.py`'s classifier (fitted on the train papers, never on test),
 and with no domain at all: the query through every expert, each scored against its own domain's papers, merged.
 Models: TF-IDF (fitted on the train texts), the base model, and `outputs/shared-expert` and `outputs/moebert` when
-`train.py` wrote them. Writes `retrieval.md` and a plot of Recall@k into `--output_dir`.
+`train.py` wrote them. Prints the table (docs/results.md keeps it, dated) and writes a plot of Recall@k into
+`--output_dir`. Encoding options as in eval.py and search.py (moebert.encoding).
 """
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.loading import load_domain_datasets, sample_specs  # noqa: E402
-from defaults import default_base_model  # noqa: E402
-from encoders import autocast, default_device, load_encoder  # noqa: E402
-from eval import DEFAULT_TRAINED, ranking_metrics  # noqa: E402
-from search import DomainClassifier, embed  # noqa: E402
+from moebert.device import autocast
+from moebert.domain_classifier import DomainClassifier
+from moebert.encoding import EncodingOptions, add_encoding_arguments, load_encoder
+from moebert.metrics import ranking_metrics
+from moebert.names import DEFAULT_OUTPUT_DIR, SHARED_EXPERT_DIR, default_base_model
+from moebert.pair_datasets import load_domain_datasets, sample_specs
+from moebert.search_index import embed
 
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100)
 
@@ -67,15 +67,14 @@ def merged_over_experts(encoder, texts: list[str], collection: np.ndarray, domai
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="NAME=PATH, repeatable (default: base, shared, moebert, tfidf)")
-    parser.add_argument("--output_dir", type=Path, default=Path("docs"))
-    parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    parser.add_argument("--output_dir", type=Path, default=Path("docs"), help="where the plot goes")
+    add_encoding_arguments(parser)
     args = parser.parse_args()
-    args.device = default_device()
+    options = EncodingOptions.from_args(args)
+    trained = {"shared": SHARED_EXPERT_DIR, "moebert": DEFAULT_OUTPUT_DIR}
     specs = dict(s.split("=", 1) for s in args.model) if args.model else (
         {"tfidf": "tfidf", "base": default_base_model()}
-        | {label: str(path) for label, path in DEFAULT_TRAINED.items() if path.exists()}
+        | {label: str(path) for label, path in trained.items() if path.exists()}
     )
     datasets = load_domain_datasets(sample_specs(), splits=("train", "test"))
     texts, domains, partners = papers_and_partners(datasets, "test")
@@ -88,12 +87,12 @@ def main():
 
     results = {}
     for label, spec in specs.items():
-        encoder = load_encoder(spec, args.max_seq_length, args.batch_size, args.device)
+        encoder = load_encoder(spec, options)
         encoder.fit(train_texts)
-        with autocast(args.device, args.precision):
+        with autocast(options.device, options.dtype):
             collection = embed(encoder, texts, domains)
             results[label] = scores(collection, collection, partners, domains, domains)
-            if getattr(encoder, "is_moebert", False) and encoder.config.num_experts > 1:
+            if encoder.routes_by_domain and encoder.config.num_experts > 1:
                 queries = embed(encoder, texts, predicted)
                 results[f"{label}, predicted domain"] = scores(collection, queries, partners, predicted, domains)
                 merged = merged_over_experts(encoder, texts, collection, domains)
@@ -115,7 +114,6 @@ def write_outputs(results: dict, accuracy: float, papers: int, queries: int, out
         for scope, m in by_scope.items():
             where = "whole collection" if scope == "all" else "query's domain only"
             lines.append(f"| {label} | {where} | {m['mrr']:.3f} | {m['recall_at_10']:.3f} | {m['ndcg_at_10']:.3f} |")
-    (output_dir / "retrieval.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, by_scope in results.items():
@@ -126,7 +124,7 @@ def write_outputs(results: dict, accuracy: float, papers: int, queries: int, out
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(output_dir / "retrieval_recall_at_k.png", dpi=100)
-    print(f"written to {output_dir}/retrieval.md and retrieval_recall_at_k.png")
+    print(f"written to {output_dir}/retrieval_recall_at_k.png")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Recall, query latency and memory of `search.py`'s FAISS indexes on about 100,000 real text embeddings.
 
-    python benchmarks/bench_search.py [--vectors 100000] [--queries 300] [--top_k 10] [--nlist 1024] [--pq_m 48]
+    python -m benchmarks.bench_search [--vectors 100000] [--queries 300] [--top_k 10] [--nlist 1024] [--pq_m 48]
 
 The collection: every SYNERGY abstract and each of its sentences (from ../shared when it is there, else the
 papers shipped in data/), then CiteSeer abstracts and sentences, until --vectors; --queries further sentences,
@@ -8,13 +8,13 @@ left out of the collection, are the queries. All are embedded by the embedded mo
 bf16 where native), as `search.py index` would. Then, as `search.py query` runs them one at a time: the flat
 inner-product index (exact, the default) and IVF-PQ (`--index_type ivfpq`) at several nprobe, with and without
 re-scoring its candidates from the stored vectors (`--rerank`, memory-mapped from disk as in an index folder).
-Recall@k is the share of the exact top k that each finds. Also times one query text through `search.embed`.
+Recall@k is the share of the exact top k that each finds. Also times one query text through
+`moebert.search_index.embed`.
 """
 
 import argparse
 import re
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,11 +23,10 @@ import faiss
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data.build import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer  # noqa: E402
-from encoders import autocast  # noqa: E402
-from search import EMBEDDED_MODEL, StoredVectors, embed, ivfpq_index, load_encoder, shipped_papers  # noqa: E402
+from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
+from moebert.device import autocast
+from moebert.encoding import EncodingOptions
+from moebert.search_index import EMBEDDED_MODEL, StoredVectors, embed, index_encoder, ivfpq_index, shipped_papers
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -75,7 +74,7 @@ def main():
     parser.add_argument("--pq_m", type=int, default=48)
     args = parser.parse_args()
     texts, query_texts = real_texts(args.vectors, args.queries)
-    encoder, _, _ = load_encoder(EMBEDDED_MODEL, 256, 64, "cpu")
+    encoder, _, _ = index_encoder(EMBEDDED_MODEL, EncodingOptions(batch_size=64, max_seq_length=256, device="cpu"))
     domain = encoder.model.config.domains[0]  # untrained: every expert is the base model
     started = time.perf_counter()
     with autocast("cpu", "auto"):

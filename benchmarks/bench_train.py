@@ -1,9 +1,10 @@
 """Training step cost (pairs/s) of train.py's settings, on the same batches, through train.py's own code.
 
-    python benchmarks/bench_train.py [--model_name_or_path PATH] [--per_device_train_batch_size 16]
+    python -m benchmarks.bench_train [--model_name_or_path PATH] [--per_device_train_batch_size 16]
                                      [--max_seq_length 256] [--steps 6] [--mixed_precision bf16|no]
 
-Each row is a model built by train.py's `load_model` with the flags shown, running the real training step (masked
+Each row is a model built as train.py builds it (moebert.training_setup) with the settings shown, running the real
+training step (masked
 MNR loss over pairs and one hard negative each, backward, clipping, AdamW) on the same same-domain batches of the
 embedded sample; the timed steps alternate between the rows, after one warm-up step each. Rows:
 
@@ -17,7 +18,6 @@ embedded sample; the timed steps alternate between the rows, after one warm-up s
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,20 +25,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moebert.batches import DomainBatchSampler, make_collate, training_pairs
+from moebert.device import bf16_is_native, default_device
+from moebert.losses import backward_step
+from moebert.names import default_base_model
+from moebert.pair_datasets import load_domain_datasets, parse_dataset_specs
+from moebert.recipes import RECIPES
+from moebert.stem_states import StemStates
+from moebert.training_setup import load_model, make_optimizer, set_attention_dropout
 
-import train  # noqa: E402
-import training  # noqa: E402
-from data.loading import load_domain_datasets, parse_dataset_specs  # noqa: E402
-from stem_cache import StemStates  # noqa: E402
-
-PLAIN = ["--no-reuse_stem_states"]
-ROWS = {
-    "dense (one shared expert), all layers": ["--shared_expert", "--moe_layers", "all", "--attention_dropout", "0.1"] + PLAIN,
-    "MoE, all layers, attention dropout 0.1 (former default)": ["--moe_layers", "all", "--attention_dropout", "0.1"] + PLAIN,
-    "MoE, all layers, attention dropout 0": ["--moe_layers", "all"] + PLAIN,
+QUICK = RECIPES["quick"]
+PLAIN = {"reuse_stem_states": False}
+ROWS = {  # settings over the quick recipe's
+    "dense (one shared expert), all layers": {"shared_expert": True, "moe_layers": "all", "attention_dropout": 0.1} | PLAIN,
+    "MoE, all layers, attention dropout 0.1 (former default)": {"moe_layers": "all", "attention_dropout": 0.1} | PLAIN,
+    "MoE, all layers, attention dropout 0": {"moe_layers": "all"} | PLAIN,
     "MoE, top two layers": PLAIN,
-    "MoE, top two layers, stored stem states (default)": [],
+    "MoE, top two layers, stored stem states (default)": {},
 }
 
 
@@ -48,43 +51,41 @@ def main():
     parser.add_argument("--per_device_train_batch_size", type=int, default=16)
     parser.add_argument("--max_seq_length", type=int, default=256)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: train.py's")
+    parser.add_argument("--mixed_precision", default=None, choices=["no", "fp16", "bf16"], help="default: the quick "
+                        "recipe's (bf16 where native)")
     options = parser.parse_args()
+    native = "bf16" if bf16_is_native(default_device()) else "no"
+    accelerator = Accelerator(mixed_precision=options.mixed_precision or native)
 
     specs = parse_dataset_specs(None)
     datasets = load_domain_datasets(specs)
-    pairs, known = training.training_pairs(datasets, list(specs), hard_negatives=1)
-    common = ["--recipe", "quick", "--per_device_train_batch_size", str(options.per_device_train_batch_size),
-              "--max_seq_length", str(options.max_seq_length)]
-    common += ["--mixed_precision", options.mixed_precision] if options.mixed_precision else []
-    common += ["--model_name_or_path", options.model_name_or_path] if options.model_name_or_path else []
-    accelerator = None
+    pairs, known = training_pairs(datasets, list(specs), hard_negatives=1)
     runs, stem_seconds = {}, None
-    for name, flags in ROWS.items():
-        args = train.parse_args(common + flags)
-        accelerator = accelerator or Accelerator(mixed_precision=args.mixed_precision)
-        model, tokenizer = train.load_model(args, list(specs))
-        train.set_attention_dropout(model, args.attention_dropout)
-        sampler = training.DomainBatchSampler(pairs["domain_id"], args.per_device_train_batch_size, 1, args.seed)
+    for name, settings in ROWS.items():
+        settings = QUICK | {"shared_expert": False} | settings
+        model, tokenizer = load_model(options.model_name_or_path or default_base_model(), list(specs),
+                                      settings["moe_layers"], settings["shared_expert"])
+        set_attention_dropout(model, settings["attention_dropout"])
+        sampler = DomainBatchSampler(pairs["domain_id"], options.per_device_train_batch_size, 1, seed=42)
         rows = [[pairs[i] for i in batch] for _, batch in zip(range(options.steps + 1), sampler)]
         stems = None
-        if args.reuse_stem_states:
+        if settings["reuse_stem_states"]:
             inputs = sorted({(r["domain_id"], t) for batch in rows for r in batch for t in [r["a"], r["b"], *r["hard"]]})
             started = time.perf_counter()
-            stems = StemStates.open_or_build(model, tokenizer, inputs, args.max_seq_length, Path(tempfile.mkdtemp()),
-                                             accelerator.mixed_precision, args.per_device_eval_batch_size)
+            stems = StemStates.open_or_build(model, tokenizer, inputs, options.max_seq_length, Path(tempfile.mkdtemp()),
+                                             accelerator.mixed_precision, 64)
             stem_seconds = (time.perf_counter() - started) / len(inputs)
-        collate = training.make_collate(model, tokenizer, args.max_seq_length, stems)
-        optimizer = train.make_optimizer(model, args)
+        collate = make_collate(model, tokenizer, options.max_seq_length, stems)
+        optimizer = make_optimizer(model, settings["learning_rate"], 0.01, settings["train_experts_only"])
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
-        runs[name] = (model, optimizer, args, [move(collate(batch), accelerator.device) for batch in rows])
+        runs[name] = (model, optimizer, [move(collate(batch), accelerator.device) for batch in rows])
 
     def step(name: str, index: int) -> float:
-        model, optimizer, args, batches = runs[name]
+        model, optimizer, batches = runs[name]
         start = time.perf_counter()
-        train.backward_step(model, batches[index], args, accelerator, known)
-        accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        backward_step(model, batches[index], accelerator, known, scale=20.0)
+        accelerator.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
         if torch.cuda.is_available():

@@ -1,7 +1,7 @@
 """Platt scaling against isotonic regression for the cosine -> P(co-cited) map, on `valid` only.
 
     python eval.py --split valid --model moebert=outputs/moebert --output_dir eval_valid
-    python benchmarks/calibration_methods.py eval_valid/predictions.csv --model moebert
+    python -m benchmarks.calibration_methods eval_valid/predictions.csv --model moebert
 
 Two-fold cross-validation within each domain: each map is fitted on one half of a domain's valid pairs and scores
 the other half; the held-out probabilities of all domains are pooled for the expected calibration error and the
@@ -9,16 +9,12 @@ Brier score.
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from sklearn.isotonic import IsotonicRegression
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from metrics import calibration_metrics, fit_platt, platt  # noqa: E402
+from moebert.calibration import calibration_metrics, fit_platt, platt
 
 
 def held_out(scores: np.ndarray, labels: np.ndarray, fit: np.ndarray) -> dict:

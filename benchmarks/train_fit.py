@@ -1,13 +1,14 @@
 """Does a trained model fit its own training pairs? A check that separates "the loop does not learn" from "what it
 learns does not carry to unseen papers".
 
-    python benchmarks/train_fit.py [--model moebert=outputs/moebert] [--model base=PATH] [--dataset DOMAIN=SOURCE ...]
+    python -m benchmarks.train_fit [--model moebert=outputs/moebert] [--model base=PATH] [--dataset DOMAIN=SOURCE ...]
 
 For each domain, the train positives are scored against as many random pairs of train abstracts that are not
-co-cited (seed 0), with eval.py's metrics; results go to eval_results/train_fit/.
+co-cited (seed 0), scored by eval.py (run as a command); results go to eval_results/train_fit/.
 """
 
 import argparse
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -15,11 +16,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from moebert.cocitation import sample_negatives
+from moebert.pair_datasets import load_domain_datasets, parse_dataset_specs
 
-import eval as evaluation  # noqa: E402
-from data.cocitation import sample_negatives  # noqa: E402
-from data.loading import load_domain_datasets, parse_dataset_specs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def train_pairs_with_random_negatives(train: pd.DataFrame, rng: np.random.Generator) -> pd.DataFrame:
@@ -49,7 +49,8 @@ def main():
                 frame.to_parquet(Path(folder) / domain / f"{split}.parquet")
             flags += ["--dataset", f"{domain}={Path(folder) / domain}"]
         models = [flag for spec in args.model or [] for flag in ("--model", spec)]
-        evaluation.main(models + flags + ["--output_dir", "eval_results/train_fit"])
+        command = [sys.executable, "eval.py", *models, *flags, "--output_dir", "eval_results/train_fit"]
+        subprocess.run(command, cwd=ROOT, check=True)
 
 
 if __name__ == "__main__":

@@ -24,146 +24,14 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
-from data.cocitation import BuildOptions, build_pairs, format_summary, make_graph, read_table, write_pairs
-from data.loading import SAMPLE_DIR
-
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-SHARED_CITESEER = SHARED_DATA / "citeseer"
-SHARED_SYNERGY = SHARED_DATA / "synergy"
+from moebert.cocitation import BuildOptions, read_table
+from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, build_and_write, build_pubmed, build_sample, push_to_hub
+from moebert.names import public_name
+from moebert.pair_datasets import SAMPLE_DIR
+from moebert.pubmed import PubMedClient
 
 
-def read_citeseer(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """CiteSeer with text: three lines per paper (id, title + abstract, label); `<cited> <citing>` per link."""
-    lines = (folder / "citeseer_texts.txt").read_text(encoding="utf-8").split("\n")
-    lines = lines[: len(lines) - len(lines) % 3]
-    papers = pd.DataFrame({"id": lines[0::3], "text": lines[1::3], "domain": lines[2::3]})
-    links = pd.read_csv(folder / "citeseer.cites", sep=r"\s+", header=None, names=["cited", "citing"], dtype=str)
-    return papers, links
-
-
-def build_and_write(papers, citations, options: BuildOptions, output_dir: Path, provenance: dict) -> dict:
-    tables, summary = build_pairs(make_graph(papers, citations), options)
-    summary = {"source": provenance} | summary
-    write_pairs(tables, summary, output_dir)
-    print(format_summary(summary))
-    print(f"\nwritten to {output_dir}/")
-    return summary
-
-
-def as_typed(path) -> str:
-    """A path as the user gave it, or only its file name if absolute: what is published names no local folder."""
-    return Path(path).name if Path(path).is_absolute() else str(path)
-
-
-SAMPLE_README = """# {title}
-
-Pairs of abstracts labelled co-cited (1: both cited by a third paper of the collection) or not (0), one folder
-per domain. Files: `<DOMAIN>/{{train,valid,test}}.parquet` with columns `a`, `b`, `label`, `domain`, `paper_a`,
-`paper_b`, `cocitation_count`; `summary.json` holds the statistics below.
-
-{source}
-
-Built with `python -m data.build {command}`, which rebuilds these files byte for byte from
-`../shared/data/{command}`: split by paper, so no abstract of `test` or `valid` occurs in `train` (papers with the
-same text are merged first); `valid` and `test` are random papers of the domain, chosen until each holds its share
-of the kept co-cited pairs; co-cited pairs across domains and pairs straddling two splits are left out; `valid` and
-`test` are balanced with random never-co-cited, non-citing pairs of the same split; `train` holds positives only
-(negatives come from the batch); seed {seed}.
-
-{table}
-"""
-
-SYNERGY_SOURCE = """The default dataset of `train.py` and `eval.py`. Source: SYNERGY (De Bruin, Ma, Ferdinands, Teijema & van de
-Schoot, "SYNERGY - Open machine learning dataset on study selection in systematic reviews", DataverseNL 2023,
-doi:10.34894/HE6NAQ), released under CC0 1.0; its records are OpenAlex metadata (CC0). Each domain is one
-systematic review (all its screened candidate papers): Chou_2004 skeletal muscle relaxants, Donners_2021
-emicizumab in haemophilia A, Jeyaraman_2020 mesenchymal stem cells for knee cartilage, Meijboom_2021 switching
-back from biosimilar TNF inhibitors, Muthu_2022 cellular therapy for rotator cuff tears, Nelson_2002 hormone
-replacement therapy, Oud_2018 psychotherapies for borderline personality disorder, Sep_2021 the rodent
-object-in-context task, van_der_Valk_2021 hair cortisol and body weight. Text: title + abstract (rebuilt from
-OpenAlex's inverted index); citations: OpenAlex `referenced_works` within the collection."""
-
-CITESEER_SOURCE = """Computer-science abstracts, one domain per subject label. Source: the CiteSeer collection of the LINQS group
-(Sen et al., "Collective classification in network data", AI Magazine 2008), in the text-attributed version
-distributed with the TAPE project (He et al., 2023): 3,186 papers with title + abstract, 6 subject labels, 4,732
-citation links. The collection states no separate data licence; cite both works when you use these pairs."""
-
-
-def build_sample(command: str, source: Path, output_dir: Path, options: BuildOptions) -> dict:
-    """Build a sample from the shared files and write its README (the dataset card)."""
-    if command == "synergy":
-        papers = read_table(source / "papers.csv.gz")
-        links = read_table(source / "citations.csv.gz")
-        files, title, text = "papers.csv.gz, citations.csv.gz", "SYNERGY co-citation pairs (embedded default)", SYNERGY_SOURCE
-    else:
-        papers, links = read_citeseer(source)
-        files, title, text = "citeseer_texts.txt, citeseer.cites", "CiteSeer co-citation pairs", CITESEER_SOURCE
-    summary = build_and_write(papers, links, options, output_dir, {"kind": command, "files": files})
-    readme = SAMPLE_README.format(title=title, source=text, command=command, seed=options.seed, table=format_summary(summary))
-    (output_dir / "README.md").write_text(readme)
-    return summary
-
-
-def build_pubmed(args, options: BuildOptions) -> dict:
-    from data.pubmed import PubMedClient, fetch_domain
-
-    client = PubMedClient(cache_dir=args.cache_dir, api_key=args.api_key, base_url=args.base_url, email=args.email)
-    papers, citations = fetch_domain(client, args.domain, args.query, max_papers=args.max_papers)
-    provenance = {"kind": "pubmed", "domain": args.domain, "query": args.query, "max_papers": args.max_papers}
-    return build_and_write(papers, citations, options, args.output_dir, provenance)
-
-
-def push_to_hub(output_dir: Path, summary: dict, repo_id: str, private: bool, token: str | None):
-    from datasets import load_dataset
-    from huggingface_hub import HfApi
-
-    api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_file(
-        path_or_fileobj=dataset_card(summary, repo_id).encode(),
-        path_in_repo="README.md",
-        repo_id=repo_id,
-        repo_type="dataset",
-    )
-    for domain in summary["domains"]:
-        files = {s: str(output_dir / domain / f"{s}.parquet") for s in ("train", "valid", "test")}
-        load_dataset("parquet", data_files=files).push_to_hub(repo_id, config_name=domain, token=token)
-    print(f"pushed to https://huggingface.co/datasets/{repo_id}")
-
-
-def dataset_card(summary: dict, repo_id: str) -> str:
-    source = summary["source"]
-    query = f"PubMed query: `{source['query']}`" if source.get("kind") == "pubmed" else f"Source: {source}"
-    options = summary["options"]
-    return f"""---
-license: other
-task_categories:
-- sentence-similarity
-tags:
-- co-citation
-- moebert
----
-# {repo_id}
-
-Pairs of abstracts labelled co-cited (1: both cited by a third paper) or not (0), built with MoEBERT's
-`data/build.py`. Load one domain with `datasets.load_dataset("{repo_id}", "<DOMAIN>")`.
-
-{query}
-
-Split policy: `{options['split_by']}` ({'no abstract shared between splits' if options['split_by'] == 'paper' else
-'random pair split: abstracts may occur in several splits'}); `valid`/`test` balanced 50/50; train negatives per
-positive: {options['train_negatives']}; seed {options['seed']}.
-
-{format_summary(summary)}
-
-Licence: the abstracts keep their publishers' terms (PubMed abstracts are not all openly licensed; check them before
-redistribution). The pairing itself is released with no further restriction.
-"""
-
-
-def main(argv=None):
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     graph = commands.add_parser("graph", help="from local papers and citations tables")
@@ -191,24 +59,35 @@ def main(argv=None):
         sub.add_argument("--hub_private_repo", action="store_true")
         sub.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
-    options = BuildOptions(
-        split_by=args.split_by,
-        split_fractions=tuple(float(x) for x in args.split_fractions.split(",")),
-        train_negatives=args.train_negatives,
-        seed=args.seed,
-    )
+    args.parser = parser
+    return args
+
+
+def build(args, options: BuildOptions) -> dict:
+    if args.command == "graph":
+        provenance = {"kind": "graph", "papers": public_name(args.papers), "citations": public_name(args.citations)}
+        return build_and_write(read_table(args.papers), read_table(args.citations), options, args.output_dir, provenance)
+    if args.command == "pubmed":
+        client = PubMedClient(cache_dir=args.cache_dir, api_key=args.api_key, base_url=args.base_url, email=args.email)
+        return build_pubmed(client, args.domain, args.query, args.max_papers, options, args.output_dir)
+    return build_sample(args.command, args.source, args.output_dir, options)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        if args.command == "graph":
-            provenance = {"kind": "graph", "papers": as_typed(args.papers), "citations": as_typed(args.citations)}
-            summary = build_and_write(read_table(args.papers), read_table(args.citations), options, args.output_dir, provenance)
-        elif args.command == "pubmed":
-            summary = build_pubmed(args, options)
-        else:
-            summary = build_sample(args.command, args.source, args.output_dir, options)
+        options = BuildOptions(
+            split_by=args.split_by,
+            split_fractions=tuple(float(x) for x in args.split_fractions.split(",")),
+            train_negatives=args.train_negatives,
+            seed=args.seed,
+        )
+        summary = build(args, options)
     except ValueError as error:  # bad input: one line that names it, no stack trace
-        parser.error(str(error))
+        args.parser.error(str(error))
     if args.push_to_hub:
-        push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub, args.hub_private_repo, args.hub_token)
+        push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub, args.hub_private_repo,
+                    args.hub_token)
 
 
 if __name__ == "__main__":

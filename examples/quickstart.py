@@ -1,19 +1,15 @@
 """Upcycle the embedded base model (all-MiniLM-L6-v2) into a 5-domain MoE-BERT, embed two abstracts in one domain
 and print their cosine similarity; then save the model so that AutoModel can load it.
 
-    python examples/quickstart.py [--base PATH_OR_HUB_ID] [--output_dir quickstart-moebert]
+    python -m examples.quickstart [--base PATH_OR_HUB_ID] [--output_dir quickstart-moebert]
 """
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from defaults import default_base_model  # noqa: E402
-from modeling_moebert import MoEBertModel  # noqa: E402
+from modeling_moebert import MoEBertModel
+from moebert.names import default_base_model
 
 ABSTRACTS = [
     "Left ventricular hypertrophy is an independent predictor of cardiovascular events in hypertensive patients.",

@@ -1,22 +1,21 @@
 import os
 import signal
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[1]  # on the path by pyproject.toml's pytest settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MOEBERT_CACHE", tempfile.mkdtemp(prefix="moebert-cache-"))  # ONNX exports stay out of ~/.cache
 
 from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
 
-from defaults import default_base_model as minilm_path  # noqa: E402
 from modeling_moebert import MoEBertModel  # noqa: E402
+from moebert.encoding import EncodingOptions, load_encoder  # noqa: E402
+from moebert.names import default_base_model as minilm_path  # noqa: E402
 
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
 
@@ -29,6 +28,16 @@ def needs_shared(path: Path):
     if os.environ.get("MOEBERT_REQUIRE_SHARED"):
         pytest.fail(f"{path} is missing, though ../shared is beside this checkout (MOEBERT_REQUIRE_SHARED is set)")
     pytest.skip(f"{path} is not beside this checkout")
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Accelerate keeps one process-wide state: each test starts without the one an earlier test left (its mixed
+    precision would otherwise be refused by the next Accelerator that asks for another)."""
+    from accelerate.state import AcceleratorState
+
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")
@@ -127,3 +136,14 @@ def counted_steps(record: Path, rank: int = 0) -> list[float]:
     """The learning rates of the optimizer steps a `counted_train.py` process of this rank took."""
     path = record.with_name(f"{record.name}.{rank}")
     return [float(line) for line in path.read_text().split()] if path.exists() else []
+
+
+def workspace_of(output_dir: Path) -> Path:
+    """Where train.py keeps checkpoints, the best model and stem states for OUTPUT_DIR (its default)."""
+    return output_dir.with_name(f"{output_dir.name}-workspace")
+
+
+def torch_encoder(spec, max_seq_length: int, batch_size: int = 8, **options):
+    """The encoder eval.py and search.py would use for `spec` on the CPU, torch fp32 unless `options` say otherwise."""
+    return load_encoder(str(spec), EncodingOptions(max_seq_length=max_seq_length, batch_size=batch_size, device="cpu",
+                                                   **options))

@@ -8,8 +8,9 @@ import pytest
 import torch
 from conftest import TEXTS
 
-import eval as evaluation
-from metrics import calibration_metrics, fit_platt, platt, reliability_curve
+import eval as eval_script
+from moebert import evaluation
+from moebert.calibration import calibration_metrics, fit_platt, platt, reliability_curve
 from modeling_moebert import MoEBertModel
 
 
@@ -107,19 +108,19 @@ def test_eval_reports_raw_and_calibrated_scores_and_calibrate_stores_the_map(cal
     model.save_pretrained(tmp_path / "moe")
     tokenizer.save_pretrained(tmp_path / "moe")
     datasets = write_domains(tmp_path / "data")
-    stored = evaluation.main(["calibrate", "--model", str(tmp_path / "moe"), *datasets, "--precision", "fp32",
+    stored = eval_script.main(["calibrate", "--model", str(tmp_path / "moe"), *datasets, "--precision", "fp32",
                               "--device", "cpu"])
     config = json.loads((tmp_path / "moe" / "config.json").read_text())
     assert config["calibration"] == json.loads(json.dumps(stored)) and set(stored["parameters"]) == {"CVD", "COPD"}
     assert "calibration written to" in capsys.readouterr().out
 
     out = tmp_path / "out"
-    results = evaluation.main(["--model", f"moe={tmp_path / 'moe'}", "--model", "tfidf", *datasets, "--device", "cpu",
+    results = eval_script.main(["--model", f"moe={tmp_path / 'moe'}", "--model", "tfidf", *datasets, "--device", "cpu",
                                "--output_dir", str(out), "--bootstrap", "20", "--reference", "tfidf"])
     report = results["moe"]["calibration"]
     assert report["fitted_by"] == "eval.py calibrate" and results["tfidf"]["calibration"]["fitted_by"] == "eval.py"
-    from data.loading import load_domain_dataset
-    from encoders import TfidfEncoder
+    from moebert.encoders import TfidfEncoder
+    from moebert.pair_datasets import load_domain_dataset
 
     for domain in ("CVD", "COPD"):  # a model without a calibration of its own gets one fitted on valid, not on test
         _, scored = evaluation.evaluate_model(TfidfEncoder(), {domain: load_domain_dataset(str(tmp_path / "data" / domain))},
@@ -141,15 +142,15 @@ def test_eval_reports_raw_and_calibrated_scores_and_calibrate_stores_the_map(cal
 
 
 def test_training_stores_the_calibration_of_the_saved_weights(tiny_bert, tmp_path):
+    from conftest import torch_encoder
     from test_train import run_train
 
-    from data.loading import load_domain_dataset
-    from encoders import TransformerEncoder
+    from moebert.pair_datasets import load_domain_dataset
 
     write_domains(tmp_path / "data")
     run_train(tiny_bert, tmp_path / "data", tmp_path / "out", "--max_train_steps", "2")
-    encoder = TransformerEncoder.from_pretrained(str(tmp_path / "out"), 32, 8)
-    stored = encoder.model.config.calibration
+    encoder = torch_encoder(tmp_path / "out", 32)
+    stored = encoder.config.calibration
     assert stored["fitted_on"] == "valid" and set(stored["parameters"]) == {"CVD", "COPD"}
     for domain in ("CVD", "COPD"):
         _, scored = evaluation.evaluate_model(encoder, {domain: load_domain_dataset(str(tmp_path / "data" / domain))}, "valid")

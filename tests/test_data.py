@@ -7,9 +7,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, needs_shared
 
-from data.build import SHARED_CITESEER, SHARED_SYNERGY, build_sample
-from data.cocitation import BuildOptions, build_pairs, cocitation_matrix, format_summary, make_graph, read_table, write_pairs
-from data.loading import DatasetError, load_domain_dataset, parse_dataset_specs, sample_specs
+from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, build_sample
+from moebert.cocitation import BuildOptions, build_pairs, cocitation_matrix, format_summary, make_graph, read_table, write_pairs
+from moebert.pair_datasets import DatasetError, load_domain_dataset, parse_dataset_specs, sample_specs
 
 
 def hand_made_graph():
@@ -301,7 +301,8 @@ def test_loader_errors_for_bad_specs_and_unreachable_sources(tmp_path):
 
 
 def test_build_command_writes_pairs_and_summary_from_tables(tmp_path, capsys):
-    from data.build import dataset_card, main
+    from data.build import main
+    from moebert.dataset_builds import dataset_card
 
     papers, citations = random_graph()
     papers.to_parquet(tmp_path / "papers.parquet")
@@ -325,7 +326,7 @@ def test_push_to_hub_uploads_the_card_then_one_config_per_domain(tmp_path, monke
     import datasets
     import huggingface_hub
 
-    from data.build import push_to_hub
+    from moebert.dataset_builds import push_to_hub
 
     tables, summary = build_pairs(make_graph(*random_graph()), BuildOptions())
     write_pairs(tables, summary, tmp_path)
@@ -347,7 +348,7 @@ def test_push_to_hub_uploads_the_card_then_one_config_per_domain(tmp_path, monke
 def test_hub_source_with_a_config_loads_that_config(monkeypatch):
     import datasets
 
-    import data.loading
+    import moebert.pair_datasets
 
     calls = []
 
@@ -355,7 +356,7 @@ def test_hub_source_with_a_config_loads_that_config(monkeypatch):
         calls.append((name, config))
         return datasets.DatasetDict({s: datasets.Dataset.from_pandas(GOOD) for s in ("train", "valid", "test")})
 
-    monkeypatch.setattr(data.loading, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(moebert.pair_datasets, "load_dataset", fake_load_dataset)
     load_domain_dataset("org/pairs:IR")
     load_domain_dataset("GleghornLab/abstract_domain_cvd")
     assert calls == [("org/pairs", "IR"), ("GleghornLab/abstract_domain_cvd", None)]

@@ -3,12 +3,14 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import DOMAINS
+from conftest import DOMAINS, torch_encoder
 from datasets import Dataset, DatasetDict
 
-import encoders
-import eval as evaluation
+import eval as eval_script
 from modeling_moebert import MoEBertModel
+from moebert import device, encoders, evaluation
+from moebert.loading import RemoteCodeError
+from moebert.metrics import ranking_metrics
 
 PAIRS = pd.DataFrame(
     {
@@ -19,14 +21,11 @@ PAIRS = pd.DataFrame(
 )
 
 
-class CountingEncoder:
+class CountingEncoder(encoders.Encoder):
     """Bag of letters; records every text it is asked to encode."""
 
     def __init__(self):
         self.seen = []
-
-    def fit(self, texts):
-        pass
 
     def encode(self, texts, domain):
         self.seen += texts
@@ -81,7 +80,7 @@ def test_end_to_end_on_a_tiny_moebert(tiny_bert, tmp_path):
         for split in ("train", "valid", "test"):
             PAIRS.to_csv(folder / f"{split}.csv", index=False)
     out = tmp_path / "out"
-    results = evaluation.main(
+    results = eval_script.main(
         [
             "--model", f"moe={tmp_path / 'moe'}", "--model", "tfidf", "--model", "missing=/no/such/model",
             "--dataset", f"CVD={tmp_path / 'data' / 'CVD'}", "--dataset", f"SKIN={tmp_path / 'data' / 'SKIN'}",
@@ -117,23 +116,27 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
     transformer = models.Transformer(tiny_bert, max_seq_length=32)
     cls_pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
     SentenceTransformer(modules=[transformer, cls_pooling]).save(str(tmp_path / "st"))
-    encoder = encoders.load_encoder(str(tmp_path / "st"), max_seq_length=32, batch_size=2, device="cpu")
+    encoder = torch_encoder(tmp_path / "st", 32, 2)
     assert isinstance(encoder, encoders.SentenceTransformerEncoder)
     texts = ["heart failure with preserved ejection fraction", "asthma"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     with torch.no_grad():
         hidden = AutoModel.from_pretrained(tiny_bert)(**tokenizer(texts, padding=True, return_tensors="pt")).last_hidden_state
     np.testing.assert_allclose(encoder.encode(texts, "CVD"), hidden[:, 0].numpy(), atol=1e-5)  # CLS, not the mean
-    assert isinstance(encoders.load_encoder(tiny_bert, 32, 2, "cpu"), encoders.TransformerEncoder)  # no modules.json
+    assert isinstance(torch_encoder(tiny_bert, 32, 2), encoders.TransformerEncoder)  # no modules.json
 
 
 def test_models_run_on_the_accelerator_when_there_is_one(tiny_bert, monkeypatch):
-    monkeypatch.setattr(encoders.torch.cuda, "is_available", lambda: True)
-    assert encoders.default_device() == "cuda"
-    monkeypatch.setattr(encoders.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(encoders.torch.backends.mps, "is_available", lambda: False)
-    assert encoders.default_device() == "cpu"
-    assert encoders.load_encoder(tiny_bert, 32, 2, device="meta").model.device.type == "meta"  # any device but the CPU
+    from moebert.encoding import EncodingOptions, load_encoder
+
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: True)
+    assert device.default_device() == "cuda"
+    assert EncodingOptions.from_args(eval_script.parse_args(["--model", "tfidf"])).device == "cuda"
+    monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(device.torch.backends.mps, "is_available", lambda: False)
+    assert device.default_device() == "cpu"
+    meta = load_encoder(tiny_bert, EncodingOptions(max_seq_length=32, device="meta"))  # any device but the CPU
+    assert meta.model.device.type == "meta"
 
 
 def write_pair_folders(root, domains, frame):
@@ -151,48 +154,49 @@ def test_bootstrap_gains_are_written_and_printed(tmp_path, capsys):
     datasets = write_pair_folders(tmp_path / "data", ("CVD", "SKIN"), pd.DataFrame(rows, columns=["a", "b", "label"]))
     out = tmp_path / "out"
     args = ["--model", "tfidf", "--model", "again=tfidf", *datasets, "--output_dir", str(out), "--bootstrap", "50"]
-    results = evaluation.main([*args, "--reference", "tfidf"])
+    results = eval_script.main([*args, "--reference", "tfidf"])
     gain = json.loads((out / "results.json").read_text())["again"]["bootstrap"]
     assert gain["resamples"] == 50 and gain["vs tfidf"]["mean"]["roc_auc"] == {"gain": 0.0, "low": 0.0, "high": 0.0}
     assert "bootstrap" not in results["tfidf"] and "| again vs tfidf | +0.000 [+0.000, +0.000]" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        evaluation.main([*args, "--reference", "nosuchmodel"])
+        eval_script.main([*args, "--reference", "nosuchmodel"])
     assert "--reference 'nosuchmodel' is not one of the models" in capsys.readouterr().err
 
 
 def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, capsys):
     cpuinfo = tmp_path / "cpuinfo"
-    real_path = encoders.Path
-    monkeypatch.setattr(encoders, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
+    real_path = device.Path
+    monkeypatch.setattr(device, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f\n")
-    assert not encoders.bf16_is_native("cpu")
-    with encoders.autocast("cpu", "auto"):
-        assert not encoders.torch.is_autocast_enabled("cpu")
+    assert not device.bf16_is_native("cpu")
+    with device.autocast("cpu", "auto"):
+        assert not device.torch.is_autocast_enabled("cpu")
     assert "encoding in fp32: bf16 is not native on cpu" in capsys.readouterr().err
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
-    assert encoders.bf16_is_native("cpu")
-    with encoders.autocast("cpu", "auto"):
-        assert encoders.torch.is_autocast_enabled("cpu") and encoders.torch.get_autocast_dtype("cpu") == encoders.torch.bfloat16
-    with encoders.autocast("cpu", "fp32"):
-        assert not encoders.torch.is_autocast_enabled("cpu")
+    assert device.bf16_is_native("cpu")
+    with device.autocast("cpu", "auto"):
+        assert device.torch.is_autocast_enabled("cpu") and device.torch.get_autocast_dtype("cpu") == device.torch.bfloat16
+    with device.autocast("cpu", "fp32"):
+        assert not device.torch.is_autocast_enabled("cpu")
 
 
 def test_ranking_metrics_by_hand_with_excluded_candidates():
     similarity = np.array([[1.0, 0.2, 0.9, 0.5], [0.2, 1.0, 0.1, 0.3], [0.9, 0.1, 1.0, 0.4], [0.5, 0.3, 0.4, 1.0]])
     partners = {0: {1}, 1: {0, 3}}
-    metrics = evaluation.ranking_metrics(similarity, partners, recall_ks=(1, 2))
+    metrics = ranking_metrics(similarity, partners, recall_ks=(1, 2))
     # query 0 ranks 2, 3, 1: its partner third; query 1 ranks 3, 0, 2: both partners in the first two
     assert metrics["mrr"] == pytest.approx((1 / 3 + 1) / 2)
     assert (metrics["recall_at_1"], metrics["recall_at_2"]) == (pytest.approx(0.25), pytest.approx(0.5))
     excluded = np.where([[True, True, False, False]] * 4, similarity, -np.inf)  # query 0 may not see papers 2, 3
-    assert evaluation.ranking_metrics(excluded, {0: {1}})["mrr"] == 1.0
+    assert ranking_metrics(excluded, {0: {1}})["mrr"] == 1.0
 
 
 def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, capsys):
     import torch
 
-    import search
     import train
+    from moebert.encoding import EncodingOptions
+    from moebert.search_index import index_encoder
 
     model, tokenizer = tiny_moe
     folder, marker = tmp_path / "moe", tmp_path / "planted-code-ran"
@@ -202,8 +206,8 @@ def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, caps
     for name in ("modeling_moebert.py", "configuration_moebert.py"):
         (folder / name).write_text(planted)  # a folder from someone else, with code of their own
     # evaluation, search and continued training all load it with this project's classes
-    encoder = encoders.load_encoder(str(folder), 32, 2, "cpu")
-    search_encoder, _, _ = search.load_encoder(str(folder), 32, 2, "cpu")
+    encoder = torch_encoder(folder, 32, 2)
+    search_encoder, _, _ = index_encoder(str(folder), EncodingOptions(max_seq_length=32, device="cpu"))
     continued, _ = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", str(folder)]), ["CVD"])
     assert not marker.exists()
     batch = tokenizer(model.prepend_domain_token(["asthma attack"], "COPD"), return_tensors="pt")
@@ -220,11 +224,11 @@ def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, caps
         "AutoConfig": "configuration_planted.PlantedConfig", "AutoModel": "modeling_planted.PlantedModel"}}))
     for name in ("configuration_planted.py", "modeling_planted.py"):
         (custom / name).write_text(planted)
-    with pytest.raises(encoders.RemoteCodeError, match="pass --trust_remote_code if you trust it"):
-        encoders.load_encoder(str(custom), 32, 2, "cpu")
+    with pytest.raises(RemoteCodeError, match="pass --trust_remote_code if you trust it"):
+        torch_encoder(custom, 32, 2)
     datasets = write_pair_folders(tmp_path / "data", ("CVD",), PAIRS)
     with pytest.raises(SystemExit):
-        evaluation.main(["--model", f"x={custom}", *datasets, "--output_dir", str(tmp_path / "out")])
+        eval_script.main(["--model", f"x={custom}", *datasets, "--output_dir", str(tmp_path / "out")])
     assert "needs Python code from its own repository" in capsys.readouterr().err
     assert not marker.exists()
 
@@ -232,8 +236,10 @@ def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, caps
 @pytest.mark.parametrize("capability, device, native", [((7, 0), "cuda", False), ((7, 5), "cuda:1", False),
                                                          ((8, 0), "cuda", True), ((9, 0), "cuda:1", True)])
 def test_cuda_bf16_is_native_from_ampere_on_the_device_used(monkeypatch, capability, device, native):
+    from moebert import device as device_module
+
     asked = []
-    monkeypatch.setattr(encoders.torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability)
-    monkeypatch.setattr(encoders.torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation: not asked
-    assert encoders.bf16_is_native(device) is native
-    assert asked == [encoders.torch.device(device)]
+    monkeypatch.setattr(device_module.torch.cuda, "get_device_capability", lambda d: asked.append(d) or capability)
+    monkeypatch.setattr(device_module.torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation
+    assert device_module.bf16_is_native(device) is native
+    assert asked == [device_module.torch.device(device)]

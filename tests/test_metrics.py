@@ -3,7 +3,7 @@ import pytest
 
 from sklearn.metrics import roc_auc_score
 
-from metrics import (
+from moebert.metrics import (
     OneClassError,
     at_threshold,
     best_accuracy,

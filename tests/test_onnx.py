@@ -7,11 +7,12 @@ import pytest
 import torch
 
 import eval as eval_script
-import onnx_backend
-from conftest import DOMAINS, TEXTS
-from encoders import TransformerEncoder, load_encoder, load_moebert, model_fingerprint
+from conftest import DOMAINS, TEXTS, torch_encoder
 from modeling_moebert import MoEBertModel
-from onnx_backend import ExportError, OnnxEncoder, load_onnx_encoder
+from moebert import onnx_export
+from moebert.__main__ import main as moebert_command
+from moebert.loading import load_moebert, model_fingerprint
+from moebert.onnx_export import ExportError, OnnxEncoder, load_onnx_encoder
 
 
 @pytest.fixture(autouse=True)
@@ -40,7 +41,7 @@ def saved_moe(base, folder, domains=("CVD", "COPD"), seed=0, **kwargs):
 
 def real_abstracts(count=12):
     """SYNERGY abstracts of both lengths: most are cut at 256 tokens, some are shorter."""
-    from search import shipped_papers
+    from moebert.search_index import shipped_papers
 
     return shipped_papers()["text"].head(count).tolist()
 
@@ -50,13 +51,12 @@ def cosines(a, b):
 
 
 def torch_vectors(folder, texts, domain, max_seq_length=256):
-    encoder = TransformerEncoder.from_pretrained(folder, max_seq_length, 8)
-    return encoder.encode(texts, domain)
+    return torch_encoder(folder, max_seq_length, 8).encode(texts, domain)
 
 
 def test_the_exported_graph_computes_what_the_trained_moe_computes_for_each_domain(minilm, tmp_path):
     folder = saved_moe(minilm, tmp_path / "moe", moe_layers="top2")
-    out = onnx_backend.main(["export", "--model", folder, "--output_dir", str(tmp_path / "fp32"), "--quantize", "none"])
+    out = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "fp32"), "--quantize", "none"])
     encoder = OnnxEncoder(out, 256, 8)
     texts = real_abstracts()
     for domain in ("CVD", "COPD"):
@@ -68,7 +68,7 @@ def test_the_exported_graph_computes_what_the_trained_moe_computes_for_each_doma
 
 def test_int8_weights_keep_the_vectors_direction(minilm, tmp_path):
     folder = saved_moe(minilm, tmp_path / "moe", moe_layers="top2")
-    out = onnx_backend.main(["export", "--model", folder, "--output_dir", str(tmp_path / "int8"), "--domains", "COPD"])
+    out = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "int8"), "--domains", "COPD"])
     graph = onnx.load(str(out / json.loads((out / "onnx_manifest.json").read_text())["graphs"]["COPD"]))
     operators = {node.op_type for node in graph.graph.node}
     assert {"QAttention", "MatMulInteger"} <= operators  # fused attention and int8 matrix products
@@ -83,7 +83,7 @@ def test_a_model_is_exported_once_into_the_cache_keyed_by_its_weights(tiny_bert,
     first = load_onnx_encoder(folder, 64, 4)
     assert first.folder.parent == onnx_cache / "onnx" and first.fingerprint == model_fingerprint(folder)
     vectors = first.encode(TEXTS, "SKIN")
-    monkeypatch.setattr(onnx_backend, "export", lambda *a, **k: pytest.fail("exported again"))
+    monkeypatch.setattr(onnx_export, "export", lambda *a, **k: pytest.fail("exported again"))
     again = load_onnx_encoder(folder, 64, 4)
     assert again.folder == first.folder and np.array_equal(again.encode(TEXTS, "SKIN"), vectors)
 
@@ -103,11 +103,11 @@ def test_a_domain_added_after_the_export_gets_a_new_export_and_the_old_one_refus
 
 
 def test_a_missing_graph_or_a_graph_of_another_model_is_refused_in_one_line(tiny_bert, tmp_path):
-    first = onnx_backend.main(["export", "--model", saved_moe(tiny_bert, tmp_path / "a"), "--output_dir",
+    first = moebert_command(["export", "--model", saved_moe(tiny_bert, tmp_path / "a"), "--output_dir",
                                str(tmp_path / "export-a"), "--domains", "CVD", "--quantize", "none"])
     with pytest.raises(ExportError, match=r"^domain 'COPD' is not in the ONNX export .*it has \['CVD'\]"):
         OnnxEncoder(first, 64, 4).encode(TEXTS, "COPD")
-    other = onnx_backend.main(["export", "--model", saved_moe(tiny_bert, tmp_path / "b", seed=1), "--output_dir",
+    other = moebert_command(["export", "--model", saved_moe(tiny_bert, tmp_path / "b", seed=1), "--output_dir",
                                str(tmp_path / "export-b"), "--quantize", "none"])
     graphs = json.loads((first / "onnx_manifest.json").read_text())["graphs"]
     shutil.copy(other / graphs["CVD"], first / graphs["CVD"])  # the same domain's graph, of another model
@@ -122,7 +122,7 @@ def test_what_is_no_moebert_or_no_export_is_refused(tiny_bert, tmp_path):
     with pytest.raises(ExportError, match="is no MoE-BERT and no ONNX export of one"):
         load_onnx_encoder(tiny_bert, 64, 4)
     with pytest.raises(SystemExit, match="is no MoE-BERT"):
-        onnx_backend.main(["export", "--model", tiny_bert, "--output_dir", str(tmp_path / "x")])
+        moebert_command(["export", "--model", tiny_bert, "--output_dir", str(tmp_path / "x")])
     with pytest.raises(ExportError, match="is no ONNX export of a MoE-BERT"):
         OnnxEncoder(tmp_path, 64, 4)
     assert not (tmp_path / "x").exists()
@@ -139,36 +139,36 @@ def test_the_calibrated_probability_is_the_models_own(tiny_bert, tmp_path):
         encoder.cocitation_probability(0.7, "COPD")
 
 
-def test_search_indexes_and_queries_with_the_onnx_backend_by_default_on_a_cpu(tiny_bert, tmp_path):
+def test_search_indexes_and_queries_with_the_onnx_backend(tiny_bert, tmp_path):
     from test_search import collection, run_index, run_query
 
     folder = saved_moe(tiny_bert, tmp_path / "moe")
     papers = collection(6)
     papers.to_csv(tmp_path / "papers.csv", index=False)
-    manifest = run_index(tmp_path / "papers.csv", folder, tmp_path / "index")  # --device cpu
+    manifest = run_index(tmp_path / "papers.csv", folder, tmp_path / "index", "--backend", "onnx")
     assert manifest["backend"] == "onnx" and manifest["fingerprint"] == model_fingerprint(folder)
-    torch_manifest = run_index(tmp_path / "papers.csv", folder, tmp_path / "torch-index", "--backend", "torch")
+    torch_manifest = run_index(tmp_path / "papers.csv", folder, tmp_path / "torch-index")  # the default
     stored = np.concatenate([np.load(f) for f in sorted((tmp_path / "index" / "chunks").glob("*.npy"))])
     expected = np.concatenate([np.load(f) for f in sorted((tmp_path / "torch-index" / "chunks").glob("*.npy"))])
     assert torch_manifest["backend"] == "torch" and cosines(stored, expected).min() > 0.99  # int8 weights
     [result] = run_query(tmp_path / "index", "--text", papers["text"][3], "--top_k", "2")  # onnx, as built
     assert result["hits"][0]["id"] == papers["id"][3] and result["hits"][0]["score"] == pytest.approx(1, abs=1e-5)
-    with pytest.raises(SystemExit, match="is no MoE-BERT and no ONNX export of one"):
+    with pytest.raises(SystemExit, match="is no MoE-BERT: search routes each paper to its domain's expert"):
         run_query(tmp_path / "index", "--text", "heart", "--model", tiny_bert, "--backend", "onnx")
 
 
 def test_eval_scores_an_export_beside_its_model_and_refuses_a_domain_it_lacks(tiny_bert, tiny_data, tmp_path):
     folder = saved_moe(tiny_bert, tmp_path / "moe")
-    export = onnx_backend.main(["export", "--model", folder, "--output_dir", str(tmp_path / "export"), "--quantize", "none"])
+    export = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "export"), "--quantize", "none"])
     common = ["--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}", "--max_seq_length", "64",
               "--device", "cpu"]
     results = eval_script.main(["--model", f"torch={folder}", "--model", f"onnx={export}", "--output_dir",
                                 str(tmp_path / "eval"), *common])
     assert results["onnx"]["all"]["roc_auc"] == pytest.approx(results["torch"]["all"]["roc_auc"], abs=1e-6)
     via_flag = eval_script.main(["--model", f"onnx={folder}", "--backend", "onnx", "--output_dir", str(tmp_path / "e2"), *common])
-    assert isinstance(load_encoder(folder, 64, 4, "cpu", backend="onnx"), OnnxEncoder)
+    assert isinstance(torch_encoder(folder, 64, 4, backend="onnx"), OnnxEncoder)
     assert via_flag["onnx"]["all"]["roc_auc"] == pytest.approx(results["torch"]["all"]["roc_auc"], abs=1e-6)
-    partial = onnx_backend.main(["export", "--model", folder, "--output_dir", str(tmp_path / "cvd"), "--domains", "CVD"])
+    partial = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "cvd"), "--domains", "CVD"])
     skipped = eval_script.main(["--model", f"onnx={partial}", "--output_dir", str(tmp_path / "e3"), *common])
     assert skipped["onnx"]["COPD"]["error"].startswith("domain 'COPD' is not in the ONNX export")
     assert skipped["onnx"]["CVD"]["roc_auc"] == pytest.approx(results["torch"]["CVD"]["roc_auc"], abs=0.05)

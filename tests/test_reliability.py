@@ -13,23 +13,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COUNTED_TRAIN, DOMAINS, counted_steps
+from conftest import COUNTED_TRAIN, DOMAINS, counted_steps, torch_encoder, workspace_of
 from test_train import run_train
 
 import train
-import training
+from modeling_moebert import MoEBertModel
+from moebert.atomic import recover_folder
+from moebert.training_state import TrainingState
+from moebert.workspace import Workspace, save_model
 
 # ------------------------------------------------------------------------------------------------ whole-folder saves
 
 
 def model_files(folder):
-    """{relative path: content} of the model a folder holds, as its manifest lists it (safetensors files by their
-    tensors and metadata: the header's key order varies from one write to the next)."""
+    """{relative path: content} of every file of a model folder (safetensors files by their tensors and metadata:
+    the header's key order varies from one write to the next)."""
     from safetensors import safe_open
 
-    listed = json.loads((folder / training.MODEL_FILES).read_text())
-    on_disk = {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
-    assert set(listed) <= on_disk
+    listed = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
     def content(path):
         if path.suffix != ".safetensors":
@@ -41,25 +42,20 @@ def model_files(folder):
 
 
 def test_a_save_cut_at_any_point_leaves_the_old_model_or_the_new_one(tiny_bert, tmp_path, monkeypatch):
-    from modeling_moebert import MoEBertModel
-
     old_model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)
     old_model.add_domain("ONC", tokenizer)  # the old model has an expert file the new one lacks
     new_model = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[0]
     with torch.no_grad():
         new_model.encoder.layer[0].experts[0].output.weight.add_(1.0)
-    card = {"domains": DOMAINS, "datasets": {}, "args": {"output_dir": "out"}, "metrics": {}}
     folder, rmtree, replace, link = tmp_path / "out", shutil.rmtree, os.replace, os.link
 
     def old_folder():
         for name in ("out", ".tmp-out", ".old-out"):
             rmtree(tmp_path / name, ignore_errors=True)
-        training.save_model(old_model, tokenizer, folder, card | {"step": 1})
-        (folder / "checkpoint-3").mkdir()
-        (folder / "checkpoint-3" / "optimizer.bin").write_bytes(b"state")  # not the model: kept by every save
+        save_model(old_model, tokenizer, folder, state(1))
         return model_files(folder)
 
-    new = model_files(_saved(new_model, tokenizer, tmp_path / "reference", card | {"step": 2}))
+    new = model_files(_saved(new_model, tokenizer, tmp_path / "reference", state(2)))
     old = old_folder()
     assert "experts/ONC.safetensors" in old and "experts/ONC.safetensors" not in new
 
@@ -81,14 +77,13 @@ def test_a_save_cut_at_any_point_leaves_the_old_model_or_the_new_one(tiny_bert, 
             for module, name, function in ((os, "replace", replace), (os, "link", link), (shutil, "rmtree", rmtree)):
                 patch.setattr(module, name, failing(function))
             try:
-                training.save_model(new_model, tokenizer, folder, card | {"step": 2})
+                save_model(new_model, tokenizer, folder, state(2))
                 finished = True
             except SimulatedKill:
                 finished = False
-        training.recover_folder(folder)  # what the next save or run does first
+        recover_folder(folder)  # what the next save or run does first
         held = model_files(folder)
         assert held in (old, new), f"a mix after a kill at file operation {fail_at}"
-        assert (folder / "checkpoint-3" / "optimizer.bin").read_bytes() == b"state"
         outcomes.append("new" if held == new else "old")
         if finished:
             break
@@ -99,59 +94,65 @@ class SimulatedKill(BaseException):
     """Stops the save where it is, like a kill: no `except Exception` on the way catches it."""
 
 
-def _saved(model, tokenizer, folder, card):
-    training.save_model(model, tokenizer, folder, card)
+def state(step: int) -> TrainingState:
+    return TrainingState(DOMAINS, {}, {"output_dir": "out"}, {}, step)
+
+
+def _saved(model, tokenizer, folder, state):
+    save_model(model, tokenizer, folder, state)
     return folder
 
 
-def test_a_save_leaves_exactly_the_new_models_files_beside_what_is_not_the_model(tiny_bert, tmp_path):
-    from modeling_moebert import MoEBertModel
-
+def test_a_save_leaves_exactly_the_new_models_files(tiny_bert, tmp_path):
     old_model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)  # with experts/<DOMAIN>.safetensors
     new_model = MoEBertModel.from_bert(tiny_bert, domains=DOMAINS, num_experts=1)[0]  # one shared expert: no experts/
-    card = {"domains": DOMAINS, "datasets": {}, "args": {"output_dir": "out"}, "metrics": {}, "step": 1}
     folder = tmp_path / "out"
-    training.save_model(old_model, tokenizer, folder, card)
-    (folder / "checkpoint-3").mkdir()
-    (folder / "checkpoint-3" / "optimizer.bin").write_bytes(b"state")
-    training.save_model(new_model, MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[1], folder, card)
-    reference = _saved(new_model, MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[1], tmp_path / "reference", card)
+    save_model(old_model, tokenizer, folder, state(1))
+    save_model(new_model, MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[1], folder, state(1))
+    reference = _saved(new_model, MoEBertModel.from_bert(tiny_bert, domains=DOMAINS)[1], tmp_path / "reference", state(1))
 
     def files(where):
         return sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
 
-    assert files(folder) == sorted(files(reference) + ["checkpoint-3/optimizer.bin"])
+    assert files(folder) == files(reference)
     assert not (folder / "experts").exists()
 
 
-def test_a_run_started_after_a_kill_between_the_renames_of_a_save_finishes_it_and_resumes(tiny_bert, tiny_data,
-                                                                                        tmp_path, monkeypatch,
-                                                                                        optimizer_steps, capsys):
+def test_a_run_started_after_a_kill_between_the_renames_of_a_save_finishes_that_save_first(tiny_bert, tiny_data,
+                                                                                          tmp_path, monkeypatch, capsys):
     from safetensors.torch import load_file
 
     out = tmp_path / "out"
-    steps = ["--max_train_steps", "2", "--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
+    steps = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
+    run_train(tiny_bert, tiny_data, out, "--max_train_steps", "1", *steps)
     replace = os.replace
 
     def killed_between_the_renames(source, target):
         replace(source, target)
-        if Path(target).name == ".old-out":  # the old folder is aside; the new one is not in place yet
+        if Path(target).name == ".old-out":  # the old model is aside; the new one is not in place yet
             raise SimulatedKill("between the two renames of the final save")
 
     with monkeypatch.context() as patch:
         patch.setattr(os, "replace", killed_between_the_renames)
         with pytest.raises(SimulatedKill):
-            run_train(tiny_bert, tiny_data, out, *steps)
+            run_train(tiny_bert, tiny_data, out, "--max_train_steps", "2", *steps, "--resume_from_checkpoint", "latest")
     assert not out.exists() and (tmp_path / ".tmp-out" / "model.safetensors").is_file()
     saved = load_file(tmp_path / ".tmp-out" / "model.safetensors")
-    optimizer_steps.clear()
     capsys.readouterr()
-    card = run_train(tiny_bert, tiny_data, out, *steps, "--resume_from_checkpoint", "latest")
+
+    class Stop(Exception):
+        pass
+
+    def fail(*args):
+        raise Stop
+
+    monkeypatch.setattr(train, "train", fail)  # the next run fails right away: the save was finished before that
+    with pytest.raises(Stop):
+        run_train(tiny_bert, tiny_data, out, "--max_train_steps", "2", *steps, "--resume_from_checkpoint", "latest")
     assert f"{out}: finished the model save a kill had interrupted" in capsys.readouterr().out
-    assert card["step"] == 2 and optimizer_steps == []  # its checkpoints were found: nothing left to train
     for key, tensor in load_file(out / "model.safetensors").items():
         torch.testing.assert_close(tensor, saved[key], atol=0, rtol=0, msg=key)
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith((".tmp", ".old"))]
+    assert not [p.name for p in tmp_path.rglob("*") if p.name.startswith((".tmp", ".old"))]
 
 
 # ------------------------------------------------------------------------------------------------ preemption
@@ -206,18 +207,18 @@ def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from
     assert process.wait(timeout=120) == 128 + signum
     stopped = stopped_line(streams)
     step = int(stopped.split("after step ")[1].split(":")[0])
-    assert step > 0 and f"checkpoint in {out / f'checkpoint-{step}'}" in stopped
+    assert step > 0 and f"checkpoint in {workspace_of(out) / f'checkpoint-{step}'}" in stopped
     assert stopped.rstrip().endswith("--resume_from_checkpoint latest")
     taken = counted_steps(steps_record(out))  # it stopped right after the step it names
     assert taken == pytest.approx([5e-5 * k / warmup for k in range(step)], rel=1e-6, abs=1e-15)
-    assert (out / f"checkpoint-{step}" / "model" / "config.json").is_file() and not (out / "model.safetensors").exists()
+    assert (workspace_of(out) / f"checkpoint-{step}" / "model" / "config.json").is_file() and not out.exists()
     optimizer_steps.stop_after = 2  # this process signals itself after two steps of the resumed run
     with pytest.raises(SystemExit, match=f"^{128 + signal.SIGTERM}$"):
         run_train(tiny_bert, tiny_data, out, "--max_train_steps", "100000", "--eval_steps", "0",
                   "--resume_from_checkpoint", "latest")
     # the checkpoint's step, schedule and weights went on: the next two steps at the uninterrupted run's rates
     assert optimizer_steps == pytest.approx([5e-5 * k / warmup for k in (step, step + 1)], rel=1e-6)
-    assert (out / f"checkpoint-{step + 2}" / "model" / "model.safetensors").is_file()
+    assert (workspace_of(out) / f"checkpoint-{step + 2}" / "model" / "model.safetensors").is_file()
 
 
 def test_a_second_signal_exits_at_once_and_the_checkpoints_before_survive(tiny_bert, tiny_data, tmp_path,
@@ -226,20 +227,20 @@ def test_a_second_signal_exits_at_once_and_the_checkpoints_before_survive(tiny_b
     process, streams = start_training(tiny_bert, tiny_data, out, "--checkpointing_steps", "1",
                                       "--checkpoints_total_limit", "0")
     wait_for(streams, "err", "training:", process)
-    while not training.checkpoints(out) and process.poll() is None:
+    while not Workspace(out).checkpoints() and process.poll() is None:
         time.sleep(0.02)
     process.send_signal(signal.SIGTERM)
     wait_for(streams, "err", "SIGTERM: stopping after this step", process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=60) == -signal.SIGTERM  # killed by the signal itself, no clean-up
     assert "stopped by" not in streams["out"]
-    kept = sorted(training.checkpoint_step(p) for p in training.checkpoints(out))
+    kept = [int(p.name.split("-")[1]) for p in Workspace(out).checkpoints()]
     assert kept and kept == list(range(1, kept[-1] + 1))  # every checkpoint written before, complete
     for step in kept:
-        assert json.loads((out / f"checkpoint-{step}" / "model" / "training_state.json").read_text())["step"] == step
+        assert TrainingState.load(workspace_of(out) / f"checkpoint-{step}" / "model").step == step
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", str(kept[-1] + 1), "--eval_steps", "0",
                      "--resume_from_checkpoint", "latest")
-    assert card["step"] == kept[-1] + 1 and len(optimizer_steps) == 1
+    assert card.step == kept[-1] + 1 and len(optimizer_steps) == 1
 
 
 def test_a_stop_waits_for_a_hanging_hub_upload_only_stop_timeout_seconds(tiny_bert, tiny_data, tmp_path):
@@ -250,13 +251,13 @@ def test_a_stop_waits_for_a_hanging_hub_upload_only_stop_timeout_seconds(tiny_be
         env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": "hf_test", "HF_HOME": str(tmp_path / "hf")}
         process, streams = start_training(tiny_bert, tiny_data, out, "--checkpointing_steps", "1", "--push_to_hub",
                                           "--hub_model_id", "lab/moebert-test", "--stop_timeout", "2", env=env)
-        while not training.checkpoints(out) and process.poll() is None:
+        while not Workspace(out).checkpoints() and process.poll() is None:
             time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 128 + signal.SIGTERM  # long before the upload could answer
     assert "were still under way after 2 s and are abandoned; the local files are intact" in streams["err"]
     step = int(stopped_line(streams).split("after step ")[1].split(":")[0])
-    assert (out / f"checkpoint-{step}" / "model" / "model.safetensors").is_file()
+    assert (workspace_of(out) / f"checkpoint-{step}" / "model" / "model.safetensors").is_file()
 
 
 def test_the_resume_command_keeps_every_flag_but_the_old_resume():
@@ -288,11 +289,10 @@ def local_paths_in(folder, local_prefixes) -> list[str]:
 
 def test_a_model_upcycled_from_a_local_folder_names_its_base_by_name_wherever_it_goes(tiny_bert, tiny_data, tmp_path,
                                                                                    monkeypatch):
-    import onnx_backend
+    from moebert.__main__ import main as moebert_command
     from huggingface_hub import ModelCard
 
-    import eval as evaluation
-    from modeling_moebert import MoEBertModel
+    import eval as eval_script
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # the base's folder is neither the working directory nor below it
@@ -312,9 +312,9 @@ def test_a_model_upcycled_from_a_local_folder_names_its_base_by_name_wherever_it
     trained.load_expert(tmp_path / "ONC.safetensors", tokenizer=trained_tokenizer)
     trained.save_pretrained(tmp_path / "grown")
     trained.save_expert("ONC", tmp_path / "grown" / "experts" / "ONC.safetensors")
-    evaluation.main(["calibrate", "--model", str(out), "--dataset", f"CVD={tiny_data / 'CVD'}", "--max_seq_length",
+    eval_script.main(["calibrate", "--model", str(out), "--dataset", f"CVD={tiny_data / 'CVD'}", "--max_seq_length",
                      "32", "--device", "cpu"])
-    onnx_backend.main(["export", "--model", str(out), "--output_dir", str(tmp_path / "export"), "--quantize", "none"])
+    moebert_command(["export", "--model", str(out), "--output_dir", str(tmp_path / "export"), "--quantize", "none"])
     local = [str(tmp_path), str(Path(tiny_bert).resolve()), str(Path.home()), sys.prefix]
     for folder in ("start", "out", "grown", "export"):
         assert not local_paths_in(tmp_path / folder, local), local_paths_in(tmp_path / folder, local)
@@ -328,7 +328,8 @@ def test_no_published_file_names_a_folder_of_this_machine(tiny_data, tmp_path, m
     import pandas as pd
 
     import search
-    from defaults import DEFAULT_BASE_MODEL_ID, default_base_model
+    from moebert.names import DEFAULT_BASE_MODEL_ID, default_base_model
+    from moebert.search_index import PaperIndex, SearchError
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # every path below is absolute, outside the working directory
@@ -336,26 +337,26 @@ def test_no_published_file_names_a_folder_of_this_machine(tiny_data, tmp_path, m
     card = run_train(known_base, tiny_data, out, "--max_train_steps", "2", "--checkpointing_steps", "1",
                      "--stem_cache_dir", str(tmp_path / "stems"), "--max_seq_length", "16")
     config = json.loads((out / "config.json").read_text())
-    assert config["base_model_name_or_path"] == DEFAULT_BASE_MODEL_ID and card["args"]["model_name_or_path"] == DEFAULT_BASE_MODEL_ID
-    assert card["args"]["output_dir"] == "out" and card["datasets"] == {"CVD": "CVD", "COPD": "COPD"}
+    assert config["base_model_name_or_path"] == DEFAULT_BASE_MODEL_ID and card.args["model_name_or_path"] == DEFAULT_BASE_MODEL_ID
+    assert card.args["output_dir"] == "out" and card.datasets == {"CVD": "CVD", "COPD": "COPD"}
     papers = pd.DataFrame({"id": ["a", "b"], "text": ["heart failure", "asthma"], "domain": ["CVD", "COPD"]})
     papers.to_csv(tmp_path / "papers.csv", index=False)
     search.main(["index", "--papers", str(tmp_path / "papers.csv"), "--model", str(out), "--output_dir",
                  str(tmp_path / "index"), "--max_seq_length", "16", "--device", "cpu", "--precision", "fp32"])
     local = [str(tmp_path), str(Path(known_base).resolve()), str(Path.home()), sys.prefix]
-    for folder in (out, tmp_path / "index"):
+    for folder in (out, workspace_of(out) / "checkpoint-2", tmp_path / "index"):  # a checkpoint is pushed too
         assert not local_paths_in(folder, local), local_paths_in(folder, local)
     manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
     assert (manifest["model"], manifest["model_path"]) == ("out", "../out")  # a public name; where it is, relatively
-    assert search.PaperIndex.load(tmp_path / "index").search(["asthma"], "COPD", 1)[0]["hits"][0]["id"] == "b"
+    assert PaperIndex.load(tmp_path / "index").search(["asthma"], "COPD", 1)[0]["hits"][0]["id"] == "b"
     moved = shutil.copytree(tmp_path / "index", tmp_path / "elsewhere" / "index")  # without its model
-    with pytest.raises(search.SearchError, match="built with the model 'out', which is not here.*pass --model"):
-        search.PaperIndex.load(moved)
-    assert search.PaperIndex.load(moved, model=str(out)).search(["asthma"], "COPD", 1)[0]["hits"][0]["id"] == "b"
+    with pytest.raises(SearchError, match="built with the model 'out', which is not here.*pass --model"):
+        PaperIndex.load(moved)
+    assert PaperIndex.load(moved, model=str(out)).search(["asthma"], "COPD", 1)[0]["hits"][0]["id"] == "b"
 
 
 def test_public_names_of_local_folders(tmp_path, monkeypatch):
-    from defaults import DEFAULT_BASE_MODEL_ID, default_base_model, public_name
+    from moebert.names import DEFAULT_BASE_MODEL_ID, default_base_model, public_name
 
     monkeypatch.chdir(tmp_path)
     cache = tmp_path.parent / "hub" / "models--allenai--scibert_scivocab_uncased" / "snapshots" / "abc123"
@@ -376,20 +377,22 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_to_resu
 
     steps = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
     run_train(tiny_bert, tiny_data, tmp_path / "straight", *steps)
-    save_model = train.save_model
+    from moebert import workspace
 
-    def killed_in_checkpoint_2(model, tokenizer, folder, card):
+    save_model = workspace.save_model
+
+    def killed_in_checkpoint_2(model, tokenizer, folder, state):
         if ".tmp-checkpoint-2" in str(folder):
             raise SimulatedKill("while writing checkpoint-2")
-        return save_model(model, tokenizer, folder, card)
+        return save_model(model, tokenizer, folder, state)
 
     with monkeypatch.context() as patch:
-        patch.setattr(train, "save_model", killed_in_checkpoint_2)
+        patch.setattr(workspace, "save_model", killed_in_checkpoint_2)
         with pytest.raises(SimulatedKill):
             run_train(tiny_bert, tiny_data, tmp_path / "out", *steps)
-    assert [p.name for p in training.checkpoints(tmp_path / "out")] == ["checkpoint-1"]  # the half one is no checkpoint
+    assert [p.name for p in Workspace(tmp_path / "out").checkpoints()] == ["checkpoint-1"]  # the half one is no checkpoint
     card = run_train(tiny_bert, tiny_data, tmp_path / "out", *steps, "--resume_from_checkpoint", "latest")
-    assert card["step"] == 3
+    assert card.step == 3
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     for key, tensor in load_file(tmp_path / "out" / "model.safetensors").items():
         torch.testing.assert_close(tensor, straight[key], atol=1e-5, rtol=1e-4, msg=key)
@@ -406,8 +409,8 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_model(tiny_bert
     steps = ["--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
     run_train(tiny_bert, tiny_data, out, "--max_train_steps", "1", *steps)
     before = load_file(out / "model.safetensors")
-    checkpoint = load_file(out / "checkpoint-1" / "model" / "model.safetensors")
-    save_pretrained = train.MoEBertModel.save_pretrained
+    checkpoint = load_file(workspace_of(out) / "checkpoint-1" / "model" / "model.safetensors")
+    save_pretrained = MoEBertModel.save_pretrained
     where = {"best_model": ".tmp-best_model", "checkpoint": ".tmp-checkpoint-2", "final": ".tmp-out"}[full_at]
 
     def disk_full(self, folder, *args, **kwargs):
@@ -415,31 +418,29 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_model(tiny_bert
         if where in Path(folder).parts:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(train.MoEBertModel, "save_pretrained", disk_full)
+    monkeypatch.setattr(MoEBertModel, "save_pretrained", disk_full)
     with pytest.raises(SystemExit, match=r"^error: cannot write .*No space left on device.*every finished checkpoint are "
                                          r"intact\. .*resume with --resume_from_checkpoint latest\.$"):
         resume = [] if full_at == "best_model" else ["--resume_from_checkpoint", "latest", "--eval_steps", "0"]
         run_train(tiny_bert, tiny_data, out, "--max_train_steps", "2", "--learning_rate", "1e-2", *steps, *resume)
     for key, tensor in load_file(out / "model.safetensors").items():
         torch.testing.assert_close(tensor, before[key], atol=0, rtol=0, msg=key)
-    for key, tensor in load_file(out / "checkpoint-1" / "model" / "model.safetensors").items():
+    for key, tensor in load_file(workspace_of(out) / "checkpoint-1" / "model" / "model.safetensors").items():
         torch.testing.assert_close(tensor, checkpoint[key], atol=0, rtol=0, msg=key)
     leftovers = [str(p.relative_to(tmp_path)) for p in tmp_path.rglob(".tmp-*")]
     assert not leftovers  # the half-written copy's space is given back
     if full_at == "final":  # the checkpoint of step 2 was written before the disk filled up
-        assert (out / "checkpoint-2" / "model" / "model.safetensors").is_file()
+        assert (workspace_of(out) / "checkpoint-2" / "model" / "model.safetensors").is_file()
 
 
 def test_a_truncated_weights_file_is_refused_in_one_line(tiny_bert, tiny_data, tmp_path):
-    import encoders
-
     out = tmp_path / "out"
     run_train(tiny_bert, tiny_data, out, "--max_train_steps", "1")
     weights = out / "model.safetensors"
     with open(weights, "r+b") as f:
         f.truncate(weights.stat().st_size // 2)
     with pytest.raises(ValueError, match="truncated or corrupt; download or copy it again"):
-        encoders.load_encoder(str(out), 32, 2, "cpu")
+        torch_encoder(out, 32, 2)
     with pytest.raises(SystemExit, match="truncated or corrupt"):  # continuing training from it
         train.main(["--recipe", "quick", "--model_name_or_path", str(out), "--dataset", f"CVD={tiny_data / 'CVD'}", "--output_dir",
                     str(tmp_path / "more"), "--max_seq_length", "32"])
@@ -460,7 +461,7 @@ def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny_bert, tiny_da
     run_train(tiny_bert, tiny_data, tmp_path / "a", "--max_train_steps", "1", "--checkpointing_steps", "1")
     with pytest.raises(SystemExit, match=r"was written for another model \(moe_layers: checkpoint \[2, 3\], this run \[3\]"):
         run_train(tiny_bert, tiny_data, tmp_path / "b", "--max_train_steps", "2", "--moe_layers", "3",
-                  "--resume_from_checkpoint", str(tmp_path / "a" / "checkpoint-1"))
+                  "--resume_from_checkpoint", str(tmp_path / "a-workspace" / "checkpoint-1"))
 
 
 def test_bad_rows_of_a_citation_graph_are_named_or_counted(tmp_path, capsys):
@@ -499,7 +500,6 @@ def test_an_empty_query_is_refused_in_one_line(tiny_bert, tmp_path, capsys):
     import pandas as pd
 
     import search
-    from modeling_moebert import MoEBertModel
 
     model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
     model.save_pretrained(tmp_path / "moe")

@@ -7,6 +7,9 @@ import torch
 
 import search
 from modeling_moebert import MoEBertModel
+from moebert import search_index
+from moebert.domain_classifier import DomainClassifier, domain_vectorizer, held_out_accuracy
+from moebert.pair_datasets import SAMPLE_DIR
 
 HEART = ["heart", "cardiac", "ventricular", "infarction", "coronary", "arrhythmia", "myocardial", "atrial"]
 LUNG = ["lung", "airway", "pulmonary", "bronchial", "asthma", "inhaler", "spirometry", "emphysema"]
@@ -71,7 +74,7 @@ def test_the_same_text_in_another_domain_is_embedded_by_that_domains_expert(moe_
 
 def test_an_interrupted_index_resumes_from_its_chunks(moe_folder, tmp_path, monkeypatch):
     collection(10).to_csv(tmp_path / "papers.csv", index=False)
-    embed, calls = search.embed, []
+    embed, calls = search_index.embed, []
 
     def embed_then_fail(encoder, texts, domains):
         calls.append(len(texts))
@@ -79,11 +82,11 @@ def test_an_interrupted_index_resumes_from_its_chunks(moe_folder, tmp_path, monk
             raise KeyboardInterrupt
         return embed(encoder, texts, domains)
 
-    monkeypatch.setattr(search, "embed", embed_then_fail)
+    monkeypatch.setattr(search_index, "embed", embed_then_fail)
     with pytest.raises(KeyboardInterrupt):
         run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--chunk_size", "4")
     assert len(list((tmp_path / "index" / "chunks").glob("*.json"))) == 2
-    monkeypatch.setattr(search, "embed", lambda *a: (calls.append(len(a[1])), embed(*a))[1])
+    monkeypatch.setattr(search_index, "embed", lambda *a: (calls.append(len(a[1])), embed(*a))[1])
     manifest = run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--chunk_size", "4")
     assert calls[3:] == [4, 4, 4] and manifest["papers"] == 20  # 12 papers left, not 20
     ids = [json.loads(line)["id"] for line in open(tmp_path / "index" / "papers.jsonl")]
@@ -130,23 +133,23 @@ def test_a_wrong_model_or_an_unknown_domain_is_refused_in_one_line(moe_folder, t
 def test_the_domain_classifier_is_stored_without_pickle_and_predicts_held_out_papers(tmp_path):
     papers = collection(40)
     held_out = papers.index % 5 == 0
-    classifier = search.DomainClassifier.fit(papers["text"][~held_out].tolist(), papers["domain"][~held_out].tolist())
+    classifier = DomainClassifier.fit(papers["text"][~held_out].tolist(), papers["domain"][~held_out].tolist())
     classifier.save(tmp_path)
     assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.joblib"))
-    loaded = search.DomainClassifier.load(tmp_path)
+    loaded = DomainClassifier.load(tmp_path)
     predicted, probability = loaded.predict(papers["text"][held_out].tolist())
     assert predicted == papers["domain"][held_out].tolist() and (probability > 0.5).all()
-    assert search.held_out_accuracy(papers["text"].tolist(), papers["domain"].tolist()) == 1.0
+    assert held_out_accuracy(papers["text"].tolist(), papers["domain"].tolist()) == 1.0
 
 
 def test_two_domain_probabilities_are_the_regressions_own():
     from sklearn.linear_model import LogisticRegression
 
-    papers = search.shipped_papers()
+    papers = search_index.shipped_papers()
     papers = papers[papers.domain.isin(["Oud_2018", "Chou_2004"])].iloc[::4]
     texts, domains = papers["text"].tolist(), papers["domain"].tolist()
-    classifier = search.DomainClassifier.fit(texts[20:], domains[20:])
-    vectorizer = search.domain_vectorizer()
+    classifier = DomainClassifier.fit(texts[20:], domains[20:])
+    vectorizer = domain_vectorizer()
     regression = LogisticRegression(max_iter=1000, C=10.0).fit(vectorizer.fit_transform(texts[20:]), domains[20:])
     expected = regression.predict_proba(vectorizer.transform(texts[:20]))
     predicted, probability = classifier.predict(texts[:20])
@@ -155,8 +158,8 @@ def test_two_domain_probabilities_are_the_regressions_own():
 
 
 def test_the_shipped_collection_is_every_synergy_paper_once():
-    papers = search.shipped_papers()
-    assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in search.SAMPLE_DIR.iterdir() if p.is_dir()}
+    papers = search_index.shipped_papers()
+    assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in SAMPLE_DIR.iterdir() if p.is_dir()}
     assert len(papers) > 1000 and (papers["text"].str.len() > 0).all()
 
 
@@ -172,7 +175,7 @@ def test_an_ivfpq_index_is_built_searched_and_refused_when_too_small(moe_folder,
     manifest = run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--index_type", "ivfpq", "--pq_m", "8")
     assert manifest["index_type"] == "ivfpq" and manifest["papers"] == 300
     vectors = np.random.default_rng(0).standard_normal((300, 32)).astype(np.float32)
-    assert not search.ivfpq_index(vectors, 8, 8).do_polysemous_training  # FAISS's default: 30x the training time
+    assert not search_index.ivfpq_index(vectors, 8, 8).do_polysemous_training  # FAISS's default: 30x the training time
     [compressed] = run_query(tmp_path / "index", "--text", papers["text"][7], "--domain", "CVD", "--top_k", "20",
                              "--nprobe", "8", "--rerank", "0")
     assert "CVD-7" in [hit["id"] for hit in compressed["hits"]]  # approximate: near the top, not always first

@@ -1,14 +1,16 @@
-"""Stored stem states (stem_cache.py): exact reuse, never stale, and the cheaper training step they give."""
+"""Stored stem states (moebert.stem_states): exact reuse, never stale, and the cheaper training step they give."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import DOMAINS, TEXTS
 
-import stem_cache
 import train
-import training
 from modeling_moebert import MoEBertModel
+from moebert import stem_states
+from moebert.batches import make_collate
+from moebert.losses import backward_step
+from moebert.selection import BestExperts
 
 INPUTS = [(d, t) for d in range(3) for t in TEXTS]  # the same texts under 3 domain tokens: 15 different stems
 
@@ -25,11 +27,11 @@ def upper_moe(tiny_bert):
 
 
 def open_states(model, tokenizer, folder, inputs=INPUTS, max_seq_length=32, mixed_precision="no"):
-    return stem_cache.StemStates.open_or_build(model, tokenizer, inputs, max_seq_length, folder, mixed_precision, 4)
+    return stem_states.StemStates.open_or_build(model, tokenizer, inputs, max_seq_length, folder, mixed_precision, 4)
 
 
 def test_stored_states_are_what_a_forward_pass_computes(upper_moe, tmp_path):
-    from encoders import StemEncoder, TransformerEncoder
+    from moebert.encoders import StemEncoder, TransformerEncoder
 
     model, tokenizer = upper_moe
     stems = open_states(model, tokenizer, tmp_path)
@@ -56,8 +58,8 @@ def test_truncation_follows_the_training_length(upper_moe, tmp_path):
 def test_a_changed_stem_data_length_or_precision_never_reuses_stale_states(upper_moe, tmp_path, monkeypatch):
     model, tokenizer = upper_moe
     builds = []
-    write = stem_cache.write_states
-    monkeypatch.setattr(stem_cache, "write_states", lambda *args: builds.append(args[2].name) or write(*args))
+    write = stem_states.write_states
+    monkeypatch.setattr(stem_states, "write_states", lambda *args: builds.append(args[2].name) or write(*args))
 
     first = open_states(model, tokenizer, tmp_path)
     assert len(builds) == 1
@@ -101,7 +103,7 @@ def test_a_cut_short_state_file_is_refused_with_the_fix(upper_moe, tmp_path, cut
 def pair_batch(model, tokenizer, stems=None):
     rows = [{"a": TEXTS[i], "b": TEXTS[(i + 1) % 5], "domain_id": i % 2, "id_a": i, "id_b": (i + 1) % 5,
              "hard": [TEXTS[(i + 3) % 5]], "id_hard": [(i + 3) % 5]} for i in range(4)]
-    return training.make_collate(model, tokenizer, 32, stems)(rows)
+    return make_collate(model, tokenizer, 32, stems)(rows)
 
 
 def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_path):
@@ -115,7 +117,7 @@ def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_
 
     def gradients(batch):
         model.zero_grad()
-        loss = train.backward_step(model, batch, args, accelerator, None)
+        loss = backward_step(model, batch, accelerator, None, args.scale)
         return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     plain_loss, plain = gradients(pair_batch(model, tokenizer))
@@ -137,7 +139,7 @@ def expert_tensors(model, domain):
 def test_each_domain_keeps_its_best_expert_and_the_rest_is_untouched(upper_moe):
     model, _ = upper_moe
     domains = model.config.domains
-    best = training.BestExperts("pooled_roc_auc")  # a pooled metric selects by its per-domain form
+    best = BestExperts("pooled_roc_auc")  # a pooled metric selects by its per-domain form
     assert best.metric == "roc_auc"
     shared = {k: v.clone() for k, v in model.state_dict().items() if ".experts." not in k}
 
@@ -155,7 +157,7 @@ def test_each_domain_keeps_its_best_expert_and_the_rest_is_untouched(upper_moe):
         assert best.update(model, {d: {"roc_auc": v} for d, v in zip(domains, values)}, step) == improved[step]
         train_a_little()
 
-    restored = training.BestExperts("roc_auc")
+    restored = BestExperts("roc_auc")
     restored.load_state_dict(best.state_dict())  # travels with a checkpoint
     restored.assemble(model)
     chosen = {"CVD": 10, "COPD": 0, "SKIN": 20, "PARA": 20, "AUTO": 0}  # ties keep the earlier expert

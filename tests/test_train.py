@@ -1,15 +1,21 @@
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import COUNTED_TRAIN, TEXTS, counted_steps
+from conftest import COUNTED_TRAIN, TEXTS, counted_steps, torch_encoder, workspace_of
 from safetensors.torch import load_file
 
 import train
-import training
+import moebert.hub
+from moebert import losses, model_card, recipes, training_setup
+from moebert.names import default_base_model
+from moebert.batches import DomainBatchSampler, draw_hard_negatives, make_collate, training_pairs
+from moebert.encoders import ShardedEncoder
+from moebert.pair_datasets import load_domain_datasets
 
 
 def test_mnr_loss_against_a_hand_computation():
@@ -22,13 +28,13 @@ def test_mnr_loss_against_a_hand_computation():
               - math.log(math.exp(scale) / (math.exp(scale * c) + math.exp(scale)))) / 2
     b_to_a = (-math.log(math.exp(scale * c) / (math.exp(scale * c) + math.exp(scale * c)))
               - math.log(math.exp(scale) / (1 + math.exp(scale)))) / 2
-    loss = training.multiple_negatives_ranking_loss(a, b, scale)
+    loss = losses.multiple_negatives_ranking_loss(a, b, scale)
     assert loss.item() == pytest.approx((a_to_b + b_to_a) / 2, rel=1e-5)
 
 
 def test_false_negatives_are_masked_out_of_the_loss():
     # texts: p, q, r, s; pairs (p,q) (r,p) (s,r): p sits in two pairs
-    known = training.KnownPairs(["p", "r", "s"], ["q", "p", "r"])
+    known = losses.KnownPairs(["p", "r", "s"], ["q", "p", "r"])
     ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
     a_to_b, b_to_a = known.masks(ids_a, ids_b)
     # a_to_b[i, j]: b_j is a's own text, b_i's text, or a known partner of a_i (j != i)
@@ -39,7 +45,7 @@ def test_false_negatives_are_masked_out_of_the_loss():
 
     generator = torch.Generator().manual_seed(0)
     emb_a, emb_b = torch.randn(3, 4, generator=generator), torch.randn(3, 4, generator=generator)
-    masked = training.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a))
+    masked = losses.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a))
     cos_ab = torch.nn.functional.normalize(emb_a, dim=-1) @ torch.nn.functional.normalize(emb_b, dim=-1).T
     by_hand = 0.0
     for sim, mask in ((cos_ab, a_to_b), (cos_ab.T, b_to_a)):
@@ -51,12 +57,12 @@ def test_false_negatives_are_masked_out_of_the_loss():
 
 def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
     # domain X: p-q, q-r, s-t, u-v; domain Y: w-x, y-z
-    known = training.KnownPairs(list("pqsuwy"), list("qrtvxz"))
+    known = losses.KnownPairs(list("pqsuwy"), list("qrtvxz"))
     domains = ["X"] * 4 + ["Y"] * 2
     text = dict(zip(known.ids_a + known.ids_b, list("pqsuwy") + list("qrtvxz")))
     partners = {"p": "q", "q": "pr", "r": "q", "s": "t", "t": "s", "u": "v", "v": "u", "w": "x", "x": "w", "y": "z", "z": "y"}
     for seed in range(5):
-        drawn, short = known.hard_negatives(domains, 2, seed)
+        drawn, short = draw_hard_negatives(known, domains, 2, seed)
         assert short == {}
         for (a, b, domain), hard in zip(zip("pqsuwy", "qrtvxz", domains), drawn):
             pool = set("pqrstuv") if domain == "X" else set("wxyz")
@@ -65,7 +71,7 @@ def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
     # Y has 4 texts: a pair has only 2 true hard negatives; its third slot is a domain text that, when it is no
     # true hard negative, the masks leave out of the loss
     for seed in range(5):
-        drawn, short = known.hard_negatives(domains, 3, seed)
+        drawn, short = draw_hard_negatives(known, domains, 3, seed)
         assert short == {"Y": 2} and all(len(h) == 3 for h in drawn)
         ids_a, ids_b, ids_hard = (torch.tensor(x[4:]) for x in (known.ids_a, known.ids_b, drawn))
         a_to_b, _ = known.masks(ids_a, ids_b, ids_hard=ids_hard.flatten())
@@ -76,7 +82,7 @@ def test_hard_negatives_are_texts_of_the_domain_co_cited_with_neither_text():
 
 
 def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked():
-    known = training.KnownPairs(["p", "r", "q"], ["q", "s", "t"])  # pairs p-q, r-s, q-t
+    known = losses.KnownPairs(["p", "r", "q"], ["q", "s", "t"])  # pairs p-q, r-s, q-t
     ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
     text = dict(zip(known.ids_a + known.ids_b, "prqqst"))
     ids_hard = torch.tensor([known.ids_b[2], known.ids_a[1], known.ids_a[0]])  # hard negatives t, r, p
@@ -91,7 +97,7 @@ def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked()
     ]
     torch.manual_seed(0)
     emb_a, emb_b, emb_hard = (torch.randn(3, 4, dtype=torch.float64) for _ in range(3))
-    loss = training.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a), emb_hard=emb_hard)
+    loss = losses.multiple_negatives_ranking_loss(emb_a, emb_b, 20.0, ignore=(a_to_b, b_to_a), emb_hard=emb_hard)
     n = torch.nn.functional.normalize
     logits_a = 20 * n(emb_a, dim=-1) @ n(torch.cat([emb_b, emb_hard]), dim=-1).T
     logits_a = logits_a.masked_fill(a_to_b, -torch.inf)
@@ -100,30 +106,15 @@ def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked()
     assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)
 
 
-def test_a_guide_leaves_out_candidates_it_scores_above_the_positive(tiny_bert, tiny_data, tmp_path):
-    known = training.KnownPairs(["p", "r"], ["q", "s"])  # pairs p-q, r-s; text ids p0 r1 q2 s3
-    ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
-    assert known.masks(ids_a, ids_b)[0].tolist() == [[False, False], [False, False]]
-    # guide cosines: p-q 0.6, p-s 0.8, r-s 0.6, r-q 0.8: each anchor's other candidate beats its own positive
-    known.set_guide(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, 0.6]]))
-    a_to_b, b_to_a = known.masks(ids_a, ids_b)
-    assert a_to_b.tolist() == [[False, True], [True, False]]
-    assert b_to_a.tolist() == [[False, True], [True, False]]  # q: p 0.6 < r 0.8; s: r 0.6 < p 0.8
-    known.set_guide(torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.9, 0.1], [0.1, 0.9]]))  # positives closest: all kept
-    assert [m.tolist() for m in known.masks(ids_a, ids_b)] == [[[False, False], [False, False]]] * 2
-    card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--guide_false_negatives")
-    assert card["step"] == 2 and card["args"]["guide_false_negatives"]
-
-
 @pytest.mark.parametrize("dropout, hard_negatives", [(False, 0), (True, 0), (False, 1)])
 def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout, hard_negatives):
     from accelerate import Accelerator
 
     model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
     model.train(dropout)
-    datasets = train.load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
-    pairs, known = training.training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
-    batch = training.make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
+    datasets = load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
+    pairs, known = training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
+    batch = make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
     assert ("hard" in batch) == bool(hard_negatives)
     accelerator = Accelerator(cpu=True)
 
@@ -135,11 +126,11 @@ def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data
             parts = [[model(**{k: v[rows] for k, v in batch[s].items()}, domain_ids=batch["domain_ids"][rows]).pooler_output
                       for s in ("a", "b")] for rows in torch.arange(8).split(mini_batch_size)]
             ignore = known.masks(batch["id_a"], batch["id_b"])
-            loss = training.multiple_negatives_ranking_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
+            loss = losses.multiple_negatives_ranking_loss(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]),
                                                          20.0, ignore=ignore)
             loss.backward()
         else:
-            loss = train.backward_step(model, batch, args, accelerator, known)
+            loss = losses.backward_step(model, batch, accelerator, known, args.scale, args.cached_mini_batch_size)
         return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     reference_loss, reference = gradients(3, chunked_reference=True) if dropout else gradients(None)
@@ -161,12 +152,12 @@ def _gathered_loss_worker(rank, port, out):
     torch.manual_seed(0)
     weight = torch.randn(6, 5)
     x_a, x_b = torch.randn(8, 6), torch.randn(8, 6)
-    known = training.KnownPairs(list("pqrstpuv"), list("qrpwxyzq"))  # repeated texts, across the two halves too
+    known = losses.KnownPairs(list("pqrstpuv"), list("qrpwxyzq"))  # repeated texts, across the two halves too
     ids_a, ids_b = torch.tensor(known.ids_a), torch.tensor(known.ids_b)
 
     def loss(rows, acc):
         w = weight.clone().requires_grad_()
-        value = training.multiple_negatives_ranking_loss(
+        value = losses.multiple_negatives_ranking_loss(
             x_a[rows] @ w, x_b[rows] @ w, 20.0, acc, known.masks(ids_a[rows], ids_b[rows], acc)
         )
         value.backward()
@@ -207,14 +198,14 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
     from transformers import AutoModel
 
     model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
-    collate = training.make_collate(model, tokenizer, 32)
-    pairs, _ = training.training_pairs({"CVD": train.load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
+    collate = make_collate(model, tokenizer, 32)
+    pairs, _ = training_pairs({"CVD": load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
     batch = collate([pairs[i] for i in range(len(pairs))])
 
     def loss():
         a = model(**batch["a"], domain_ids=batch["domain_ids"]).pooler_output
         b = model(**batch["b"], domain_ids=batch["domain_ids"]).pooler_output
-        return training.multiple_negatives_ranking_loss(a, b, 20.0)
+        return losses.multiple_negatives_ranking_loss(a, b, 20.0)
 
     model.eval()  # no dropout: the comparison shows the step alone
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -224,7 +215,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
     assert loss().item() < before.item()
 
     card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2")
-    assert card["step"] == 2 and "f1_max" in card["metrics"]["all"]
+    assert card.step == 2 and "f1_max" in card.metrics["all"]
     loaded = AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     assert loaded.config.domains == ["CVD", "COPD"] and loaded.config.max_seq_length == 32
 
@@ -236,11 +227,11 @@ def test_attention_dropout_reaches_every_attention_block_and_the_saved_config(ti
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    train.set_attention_dropout(model, 0.5)
+    training_setup.set_attention_dropout(model, 0.5)
     batch = tokenizer(["[CVD] heart failure trial"], return_tensors="pt")
     model.train()
     assert not torch.equal(model(**batch).last_hidden_state, model(**batch).last_hidden_state)
-    train.set_attention_dropout(model, 0.0)
+    training_setup.set_attention_dropout(model, 0.0)
     assert torch.equal(model(**batch).last_hidden_state, model(**batch).last_hidden_state)
 
     run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "1", "--attention_dropout", "0")
@@ -253,9 +244,9 @@ def test_every_domain_expert_is_written_as_its_own_file(tiny_bert, tiny_data, tm
     from modeling_moebert import MoEBertModel
 
     run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "2",
-              "--no-train_experts_only")
+              "--no-train_experts_only", "--no-reuse_stem_states", "--no-select_experts_per_domain")
     out = tmp_path / "out"
-    for folder in (out, out / "checkpoint-2" / "model", out / "best_model"):
+    for folder in (out, workspace_of(out) / "checkpoint-2" / "model", workspace_of(out) / "best_model"):
         assert sorted(p.name for p in (folder / "experts").iterdir()) == ["COPD.safetensors", "CVD.safetensors"]
     trained = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
@@ -279,29 +270,30 @@ def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path
     straight_steps = list(optimizer_steps)
     assert len(straight_steps) == 4
     run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing)
-    (tmp_path / "resumed" / "model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "resumed")  # the final model
     optimizer_steps.clear()
     if resume_from == "latest":  # as if killed right after the checkpoint of step 1 (mid-epoch: 2 batches per epoch)
         for later in (2, 3, 4):
-            shutil.rmtree(tmp_path / "resumed" / f"checkpoint-{later}")
+            shutil.rmtree(tmp_path / "resumed-workspace" / f"checkpoint-{later}")
     else:  # step 1's checkpoint as the Hub keeps it (--hub_strategy checkpoint); the rerun rewrites checkpoint-2..4
-        resume_from = str(shutil.copytree(tmp_path / "resumed" / "checkpoint-1", tmp_path / "hub" / "last-checkpoint"))
+        resume_from = str(shutil.copytree(tmp_path / "resumed-workspace" / "checkpoint-1",
+                                          tmp_path / "hub" / "last-checkpoint"))
     capsys.readouterr()
     card = run_train(tiny_bert, tiny_data, tmp_path / "resumed", "--max_train_steps", "4", *checkpointing,
                      "--resume_from_checkpoint", resume_from)
-    assert card["step"] == 4
+    assert card.step == 4
     # it really resumed: three optimizer steps, at the learning rates the uninterrupted run had at steps 2 to 4
     assert optimizer_steps == pytest.approx(straight_steps[1:], rel=1e-9)
     printed = capsys.readouterr().out
     assert f"at step 1, learning rate {straight_steps[1]:.6e}" in printed and "trained steps 2..4 in this run" in printed
-    straight_card = json.loads((tmp_path / "straight" / "training_state.json").read_text())
-    assert card["best"] == straight_card["best"]  # the best-model record travelled with the checkpoint
-    for name in ("model.safetensors", "checkpoint-4/model/model.safetensors"):  # assembled per domain; the last step
-        straight = load_file(tmp_path / "straight" / name)
-        resumed = load_file(tmp_path / "resumed" / name)
+    straight_state = json.loads((tmp_path / "straight" / "training_state.json").read_text())
+    assert card.best == straight_state["best"]  # the best-model record travelled with the checkpoint
+    for name in ("model.safetensors", "-workspace/checkpoint-4/model/model.safetensors"):  # assembled; the last step
+        straight = load_file(f"{tmp_path / 'straight'}{'/' if name[0] != '-' else ''}{name}")
+        resumed = load_file(f"{tmp_path / 'resumed'}{'/' if name[0] != '-' else ''}{name}")
         for key, tensor in straight.items():
             torch.testing.assert_close(resumed[key], tensor, atol=1e-5, rtol=1e-4, msg=f"{name}: {key}")
-    assert not [p.name for p in (tmp_path / "resumed").iterdir() if p.name.startswith((".tmp", ".old"))]
+    assert not [p.name for p in tmp_path.rglob("*") if p.name.startswith((".tmp", ".old"))]
 
 
 def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tiny_bert, tiny_data, tmp_path, capsys):
@@ -310,8 +302,8 @@ def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tiny_bert, tiny_da
         run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", str(tmp_path / "empty"))
     # a restart script's first run: nothing to resume yet, and it says so
     card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", "latest", "--max_train_steps", "1")
-    assert card["step"] == 1
-    assert f"no checkpoint-<step>/ in {tmp_path / 'out'} yet, starting at step 0" in capsys.readouterr().out
+    assert card.step == 1
+    assert f"no checkpoint-<step>/ in {tmp_path / 'out-workspace'} yet, starting at step 0" in capsys.readouterr().out
 
 
 def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_data, tmp_path, optimizer_steps):
@@ -330,7 +322,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_d
                "4", "--learning_rate", "1e-3", "--max_seq_length", "32", "--seed", "3", *steps]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while not (killed / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
+    while not (workspace_of(killed) / "checkpoint-3").exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -338,7 +330,7 @@ def test_a_run_killed_mid_training_resumes_to_the_same_weights(tiny_bert, tiny_d
     assert not (killed / "model.safetensors").exists()
 
     card = run_train(tiny_bert, tiny_data, killed, *steps, "--resume_from_checkpoint", "latest")
-    assert card["step"] == 30
+    assert card.step == 30
     resumed_at = 30 - len(optimizer_steps)  # the newest checkpoint the kill left: step 3 or later
     assert resumed_at >= 3
     assert optimizer_steps == pytest.approx(straight_steps[resumed_at:], rel=1e-9)
@@ -382,7 +374,7 @@ def test_two_process_cpu_run_saves_checkpoints_that_automodel_loads(tiny_bert, t
     result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {"ACCELERATE_USE_CPU": "true"},
                                   "--no-select_experts_per_domain")  # the final model is then the last step's
     assert result.returncode == 0, result.stderr[-3000:]
-    checkpoint = tmp_path / "out" / "checkpoint-2"
+    checkpoint = tmp_path / "out-workspace" / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
     batch = tokenizer(["[CVD] " + TEXTS[0], "[COPD] " + TEXTS[1]], padding=True, return_tensors="pt")
@@ -404,8 +396,8 @@ def test_two_processes_resume_where_their_checkpoint_stopped(tiny_bert, tiny_dat
     straight_steps = [counted_steps(tmp_path / "straight", rank) for rank in (0, 1)]
     assert [len(s) for s in straight_steps] == [3, 3] and "trained steps 1..3" in straight.stdout
     final = load_file(tmp_path / "out" / "model.safetensors")
-    for later in ("checkpoint-2", "checkpoint-3", "model.safetensors"):  # as if killed after step 1's checkpoint
-        (tmp_path / "out" / later).unlink() if later.endswith(".safetensors") else shutil.rmtree(tmp_path / "out" / later)
+    for later in ("out-workspace/checkpoint-2", "out-workspace/checkpoint-3", "out"):  # killed after step 1's checkpoint
+        shutil.rmtree(tmp_path / later)
     resumed = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", use_cpu | {"COUNTED_STEPS": str(
         tmp_path / "resumed")}, *steps, "--resume_from_checkpoint", "latest")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -427,7 +419,7 @@ def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tm
 
 def test_domain_batches_hold_one_domain_per_global_batch(capsys):
     domain_ids = [0] * 10 + [1] * 7 + [2] * 4
-    sampler = training.DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
+    sampler = DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
     batches = list(sampler)
     assert len(batches) == len(sampler) == 8  # global batches of 4: two of domain 0, one each of 1 and 2
     for first, second in zip(batches[::2], batches[1::2]):  # process 0 and 1 get consecutive batches
@@ -439,7 +431,7 @@ def test_domain_batches_hold_one_domain_per_global_batch(capsys):
     assert list(sampler) != batches
     # global batches of 8: domain 0 gives one, domains 1 and 2 have fewer pairs and give one smaller batch each
     # (6 of domain 1's 7, a multiple of the 2 processes; all 4 of domain 2), and the run says so
-    sampler = training.DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
+    sampler = DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
     assert "domain ids [1, 2] have fewer train pairs ([7, 4]) than one global batch (4 x 2 processes)" in capsys.readouterr().out
     batches = list(sampler)
     assert sorted(len(b) for b in batches) == [2, 2, 3, 3, 4, 4] and len(sampler) == 6
@@ -478,17 +470,19 @@ def test_continuing_a_checkpoint_trains_each_domain_on_its_own_expert(tiny_bert,
 
 @pytest.mark.parametrize("routing_mode", ["sentence", "token"])
 def test_train_and_eval_route_each_domain_to_its_own_expert(tiny_bert, tiny_data, tmp_path, routing_mode):
-    from encoders import TransformerEncoder
     from modeling_moebert import MoEBertModel
 
-    run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--routing_mode", routing_mode,
+    upcycled, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], routing_mode=routing_mode,
+                                                 moe_layers="top2")
+    upcycled.save_pretrained(tmp_path / "start")
+    tokenizer.save_pretrained(tmp_path / "start")
+    run_train(str(tmp_path / "start"), tiny_data, tmp_path / "out", "--max_train_steps", "2",
               "--no-select_experts_per_domain")
-    start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], routing_mode=routing_mode, moe_layers="top2")[0]
-    start = start.state_dict()
+    start = upcycled.state_dict()
     trained = load_file(tmp_path / "out" / "model.safetensors")
     # domain batches: one step per domain, each on its own expert (all-zero segments would train expert 0 twice)
     assert all(not torch.equal(trained[k], start[k]) for k in trained if ".experts." in k)
-    encoder = TransformerEncoder.from_pretrained(str(tmp_path / "out"), 32, 4)
+    encoder = torch_encoder(tmp_path / "out", 32, 4)
     assert encoder.model.config.routing_mode == routing_mode
     with torch.no_grad():
         for d, domain in enumerate(("CVD", "COPD")):
@@ -504,15 +498,17 @@ def test_best_model_is_kept_and_training_stops_when_valid_stops_improving(tiny_b
     monkeypatch.setattr(train, "evaluate", lambda *args: {"mean": {"roc_auc": next(scores)}, "all": {}})
     out = tmp_path / "out"
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "6", "--eval_steps", "1", "--checkpointing_steps",
-                     "1", "--checkpoints_total_limit", "0", "--early_stopping_patience", "2", "--load_best_model_at_end")
-    assert card["step"] == 3  # steps 2 and 3 did not beat step 1
-    assert card["best"] == {"metric": "roc_auc", "value": 0.60, "step": 1, "stale": 2}
-    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+                     "1", "--checkpoints_total_limit", "0", "--early_stopping_patience", "2", "--load_best_model_at_end",
+                     "--no-select_experts_per_domain")
+    assert card.step == 3  # steps 2 and 3 did not beat step 1
+    assert card.best == {"metric": "roc_auc", "value": 0.60, "step": 1, "stale": 2}
+    workspace = workspace_of(out)
+    assert sorted(p.name for p in workspace.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     final = load_file(out / "model.safetensors")
-    for name, tensor in load_file(out / "checkpoint-1" / "model" / "model.safetensors").items():
+    for name, tensor in load_file(workspace / "checkpoint-1" / "model" / "model.safetensors").items():
         torch.testing.assert_close(final[name], tensor, atol=0, rtol=0)
-    assert any(not torch.equal(final[n], t) for n, t in load_file(out / "checkpoint-3/model/model.safetensors").items())
-    assert train.json.loads((out / "best_model" / "training_state.json").read_text())["step"] == 1
+    assert any(not torch.equal(final[n], t) for n, t in load_file(workspace / "checkpoint-3/model/model.safetensors").items())
+    assert json.loads((workspace / "best_model" / "training_state.json").read_text())["step"] == 1
 
 
 def run_train_process(tiny_bert, tiny_data, output_dir, hub, *extra):
@@ -521,7 +517,7 @@ def run_train_process(tiny_bert, tiny_data, output_dir, hub, *extra):
     import sys
 
     command = [
-        sys.executable, str(train.Path(train.__file__)), "--recipe", "quick", "--model_name_or_path", tiny_bert,
+        sys.executable, str(Path(train.__file__)), "--recipe", "quick", "--model_name_or_path", tiny_bert,
         "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset", f"COPD={tiny_data / 'COPD'}",
         "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--max_train_steps", "2",
         "--output_dir", str(output_dir), "--push_to_hub", "--hub_model_id", "lab/moebert-test", *extra,
@@ -555,7 +551,9 @@ def test_push_to_hub_sends_a_loadable_model_and_the_latest_checkpoint(tiny_bert,
     assert hub.commits[-1]["summary"] in ("End of training", "Checkpoint at step 2")
     for name in root:  # the root of the repo is the final model, byte for byte
         assert files[name] == (out / name).read_bytes(), name
-    assert not any((out / ".hub-uploads").iterdir())  # snapshots removed after upload
+    assert not any((workspace_of(out) / "hub-uploads").iterdir())  # snapshots removed after upload
+    model_entries = {name.split("/")[0] for name in files if not name.startswith("last-checkpoint/")}
+    assert {p.name for p in out.iterdir()} == model_entries  # the model folder holds the model only, all pushed
 
     downloaded = tmp_path / "downloaded"
     for name, content in files.items():
@@ -582,35 +580,40 @@ def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
     assert "pushed to" not in result.stdout and "pushes to lab/moebert-test did not arrive" in result.stderr
     pushes_tried = result.stderr.count("failed 3 times")  # a push that waited is replaced by a newer one, untried
     assert pushes_tried >= 1 and hub.requests.count(("POST", "/api/repos/create")) == 3 * pushes_tried  # each 3 times
-    assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in out.iterdir()}
+    assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in workspace_of(out).iterdir()}
     AutoModel.from_pretrained(out, trust_remote_code=True)
 
 
-def test_the_full_recipe_is_one_flag_and_explicit_flags_override_it():
-    quick, full = train.parse_args(["--recipe", "quick"]), train.parse_args(["--recipe", "full"])
-    assert (quick.max_seq_length, quick.train_experts_only, quick.num_train_epochs) == (256, True, None)
-    assert (quick.moe_layers, quick.attention_dropout, quick.reuse_stem_states, quick.select_experts_per_domain) == (
-        "top2", 0.0, True, True)
-    assert {k: getattr(full, k) for k in train.FULL_RECIPE} == train.FULL_RECIPE
-    assert (full.reuse_stem_states, full.select_experts_per_domain) == (False, False)
-    assert (full.max_seq_length, full.train_experts_only, full.mixed_precision) == (256, False, "bf16")
-    tuned = train.parse_args(["--recipe", "full", "--learning_rate", "1e-5", "--train_experts_only"])
-    assert (tuned.learning_rate, tuned.train_experts_only, tuned.max_seq_length) == (1e-5, True, 256)
+def test_each_recipe_is_its_values_and_a_flag_given_over_it_wins_and_is_recorded():
+    for name, values in recipes.RECIPES.items():
+        args = train.parse_args(["--recipe", name])
+        assert {k: getattr(args, k) for k in values if k != "mixed_precision"} == {
+            k: v for k, v in values.items() if k != "mixed_precision"}
+        assert args.recipe_record == {"name": name, "reason": "asked for with --recipe", "flags": {}}
+    tuned = train.parse_args(["--recipe", "full", "--learning_rate", "1e-5", "--train_experts_only", "--max_train_steps",
+                              "9"])
+    assert (tuned.learning_rate, tuned.train_experts_only, tuned.max_train_steps, tuned.reuse_stem_states) == (
+        1e-5, True, 9, False)  # the recipe's other values stay: no value follows another flag
+    assert tuned.recipe_record["flags"] == {"learning_rate": 1e-5, "train_experts_only": True, "max_train_steps": 9}
+    assert recipes.describe(tuned.recipe_record) == ("recipe full: asked for with --recipe; given over it: "
+                                                     "--max_train_steps 9 --learning_rate 1e-05 --train_experts_only True")
+    epochs = train.parse_args(["--recipe", "quick", "--num_train_epochs", "2"])  # a length in epochs replaces 750 steps
+    assert (epochs.num_train_epochs, epochs.max_train_steps) == (2, None)
 
 
 @pytest.mark.parametrize("cuda, mps, use_cpu, recipe", [
     (False, False, "", "quick"), (True, False, "", "full"), (False, True, "", "full"), (True, False, "true", "quick"),
 ])
 def test_the_recipe_follows_the_device(monkeypatch, cuda, mps, use_cpu, recipe):
-    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(train.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
-    monkeypatch.setattr(train.torch.backends.mps, "is_available", lambda: mps)
+    monkeypatch.setattr(recipes.torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(recipes.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
+    monkeypatch.setattr(recipes.torch.backends.mps, "is_available", lambda: mps)
     monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
     monkeypatch.setattr(train, "bf16_is_native", lambda device: True)  # no real CUDA to ask
     args = train.parse_args([])
     assert args.recipe == recipe
     expected = {"quick": "no CUDA or MPS" if not use_cpu else "ACCELERATE_USE_CPU", "full": "Fake GPU" if cuda else "MPS"}
-    assert expected[recipe] in args.recipe_reason
+    assert expected[recipe] in args.recipe_record["reason"]
     assert (args.train_experts_only, args.num_train_epochs) == ((True, None) if recipe == "quick" else (False, 1))
     assert train.parse_args(["--recipe", "quick"]).recipe == "quick"  # forced either way
     assert train.parse_args(["--recipe", "full"]).recipe == "full"
@@ -623,13 +626,17 @@ def test_the_quick_recipe_uses_bf16_only_where_it_is_native(monkeypatch, native)
     assert train.parse_args(["--recipe", "quick", "--mixed_precision", "no"]).mixed_precision == "no"
 
 
-@pytest.mark.parametrize("flags", [["--no-train_experts_only", "--reuse_stem_states"],
-                                   ["--no-train_experts_only", "--select_experts_per_domain"],
-                                   ["--select_experts_per_domain", "--load_best_model_at_end"]])
-def test_options_that_need_frozen_shared_weights_are_refused_without(flags, capsys):
+@pytest.mark.parametrize("flags, fix", [
+    (["--no-train_experts_only"], "add --no-reuse_stem_states --no-select_experts_per_domain, or use --recipe full"),
+    (["--shared_expert"], "--shared_expert: per-domain expert selection (recipe quick) needs one expert per domain"),
+    (["--load_best_model_at_end"], "picks the final model itself; add --no-select_experts_per_domain"),
+])
+def test_settings_that_cannot_go_together_are_refused_with_the_flags_that_fix_them(flags, fix, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(flags)
-    assert "--select_experts_per_domain" in capsys.readouterr().err
+        train.parse_args(["--recipe", "quick", *flags])
+    assert fix in capsys.readouterr().err
+    fixed = train.parse_args(["--recipe", "quick", *flags, "--no-select_experts_per_domain", "--no-reuse_stem_states"])
+    assert not fixed.select_experts_per_domain and not fixed.reuse_stem_states
 
 
 def test_the_final_model_is_assembled_from_each_domains_best_expert(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):
@@ -647,15 +654,16 @@ def test_the_final_model_is_assembled_from_each_domains_best_expert(tiny_bert, t
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "4", "--eval_steps", "1",
                      "--checkpointing_steps", "1", "--checkpoints_total_limit", "0")
     assert capsys.readouterr().out.startswith("recipe quick: ")  # the first printed line names the recipe
-    assert card["expert_selection"]["kept"] == {"CVD": {"value": 0.7, "step": 2}, "COPD": {"value": 0.5, "step": 0}}
-    assert card["metrics"]["mean"]["roc_auc"] == 0.6  # the assembled model was scored again
+    assert card.expert_selection["kept"] == {"CVD": {"value": 0.7, "step": 2}, "COPD": {"value": 0.5, "step": 0}}
+    assert card.metrics["mean"]["roc_auc"] == 0.6  # the assembled model was scored again
     assert "CVD: step 2 (0.7000), COPD: step 0 (0.5000)" in (out / "README.md").read_text()
 
     def model_at(folder):
         return load_file(folder / "model.safetensors")
 
     start = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], moe_layers="top2")[0].state_dict()
-    final, step2, step4 = model_at(out), model_at(out / "checkpoint-2" / "model"), model_at(out / "checkpoint-4" / "model")
+    final = model_at(out)
+    step2, step4 = (model_at(workspace_of(out) / f"checkpoint-{step}" / "model") for step in (2, 4))
     for key, tensor in final.items():
         expected = step2 if ".experts.0." in key else start  # CVD is expert 0; COPD and the shared weights: untrained
         torch.testing.assert_close(tensor, expected[key], atol=0, rtol=0, msg=key)
@@ -675,7 +683,7 @@ def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
 
 @pytest.mark.parametrize("failures", [2, 5])
 def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp_path, capsys, failures):
-    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging", backoff_s=0)
+    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging", backoff_s=0)
     calls = {"create": 0, "upload": 0}
 
     def create_repo(*args, **kwargs):
@@ -688,7 +696,7 @@ def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp
 
     pusher.api.create_repo, pusher.api.upload_folder = create_repo, upload_folder
     (tmp_path / "model.safetensors").write_text("step 1")
-    pusher.push(tmp_path, ["model.safetensors"], "", "step 1")
+    pusher.push(tmp_path, "", "step 1", ["model.safetensors"])
     pusher.finish()
     out, err = capsys.readouterr()
     if failures == 2:  # the third try goes through
@@ -701,8 +709,8 @@ def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp
 
 
 def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
-    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
-    pusher.push(tmp_path, ["no-such-file.safetensors"], "", "step 1")  # raises nothing
+    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher.push(tmp_path, "", "step 1", ["no-such-file.safetensors"])  # raises nothing
     pusher.finish()
     out, err = capsys.readouterr()
     assert "not pushing 'step 1': cannot stage" in err and "1 pushes to lab/moebert-test did not arrive" in err
@@ -713,11 +721,11 @@ def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
 def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_path):
     import threading
 
-    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
     started, release, sent = threading.Event(), threading.Event(), []
 
     def upload_folder(folder_path, commit_message, **kwargs):
-        sent.append((commit_message, sorted(p.name for p in train.Path(folder_path).iterdir())))
+        sent.append((commit_message, sorted(p.name for p in Path(folder_path).iterdir())))
         started.set()
         release.wait(10)
 
@@ -725,7 +733,7 @@ def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_p
     pusher.api.upload_folder = upload_folder
     for step in (1, 2, 3):
         (tmp_path / "model.safetensors").write_text(f"step {step}")
-        pusher.push(tmp_path, ["model.safetensors"], "last-checkpoint", f"step {step}")
+        pusher.push(tmp_path, "last-checkpoint", f"step {step}", ["model.safetensors"])
         started.wait(10)  # step 1 is uploading; step 2 then waits behind it, and step 3 replaces it
     release.set()
     pusher.finish()
@@ -734,35 +742,16 @@ def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_p
     assert (tmp_path / "model.safetensors").read_text() == "step 3"  # local files untouched
 
 
-def test_a_snapshot_copy_carried_by_a_save_is_removed_and_one_under_way_is_kept(tmp_path):
-    import threading
-
-    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
-    release, started = threading.Event(), threading.Event()
-    pusher.api.create_repo = lambda *args, **kwargs: None
-    pusher.api.upload_folder = lambda **kwargs: (started.set(), release.wait(10))
-    (tmp_path / "model.safetensors").write_text("step 1")
-    pusher.push(tmp_path, ["model.safetensors"], "", "step 1")
-    started.wait(10)
-    (tmp_path / "staging" / "0").mkdir()  # a finished upload's snapshot, as a save's folder swap brings it back
-    (tmp_path / "staging" / "0" / "model.safetensors").write_text("step 0")
-    pusher.push(tmp_path, ["model.safetensors"], "last-checkpoint", "step 1")
-    assert sorted(p.name for p in (tmp_path / "staging").iterdir()) == ["1", "2"]  # both uploads still need theirs
-    release.set()
-    pusher.finish()
-    assert not list((tmp_path / "staging").iterdir())
-
-
 def test_after_a_stop_queued_uploads_are_awaited_for_a_bounded_time(tmp_path, capsys):
     import threading
     import time
 
-    pusher = training.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
     release = threading.Event()
     pusher.api.create_repo = lambda *args, **kwargs: None
     pusher.api.upload_folder = lambda **kwargs: release.wait(30)  # a network that hangs
     (tmp_path / "model.safetensors").write_text("step 1")
-    pusher.push(tmp_path, ["model.safetensors"], "", "step 1")
+    pusher.push(tmp_path, "", "step 1", ["model.safetensors"])
     started = time.monotonic()
     pusher.finish(completed=False, timeout=0.5)
     assert time.monotonic() - started < 5  # it did not wait for the hung upload
@@ -784,8 +773,8 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
 
     crash_on_the_second_step.calls = 0
     with FakeHub() as hub:
-        hf_api = training.HfApi
-        monkeypatch.setattr(training, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
+        hf_api = moebert.hub.HfApi
+        monkeypatch.setattr(moebert.hub, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
         monkeypatch.setattr(train, "backward_step", crash_on_the_second_step)  # after step 1's checkpoint is queued
         monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(RuntimeError, match="out of memory"):
@@ -798,13 +787,13 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
 
 
 def test_the_embedded_base_is_recorded_by_its_hub_id_and_still_grows_offline(tmp_path):
-    from defaults import DEFAULT_BASE_MODEL_ID
+    from moebert.names import DEFAULT_BASE_MODEL_ID
 
     model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick"]), ["CVD"])
     assert model.config.base_model_name_or_path == DEFAULT_BASE_MODEL_ID  # not a site-packages folder
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    assert str(train.default_base_model()) not in (tmp_path / "config.json").read_text()
+    assert str(default_base_model()) not in (tmp_path / "config.json").read_text()
     # continuing it with a new domain (HF_HUB_OFFLINE=1): the new expert starts from the embedded base's blocks
     grown, _ = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", str(tmp_path)]), ["CVD", "ONC"])
     cvd, onc = (grown.expert_state(grown.config.expert_of_domain(i)) for i in (0, 1))
@@ -820,7 +809,7 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
     run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     state = json.loads((tmp_path / "out" / "training_state.json").read_text())
-    assert card.data.base_model == train.Path(tiny_bert).name  # a local folder by its name only: no path of this machine
+    assert card.data.base_model == Path(tiny_bert).name  # a local folder by its name only: no path of this machine
     assert card.data.library_name == "sentence-transformers"
     assert card.data.pipeline_tag == "sentence-similarity" and "moebert" in card.data.tags
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
@@ -833,10 +822,10 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
 
 
 def test_the_card_names_the_licence_of_the_embedded_base():
-    from defaults import DEFAULT_BASE_MODEL_ID
+    from moebert.names import DEFAULT_BASE_MODEL_ID
 
-    assert training.base_licence(DEFAULT_BASE_MODEL_ID) == "apache-2.0"
-    assert training.base_licence("no/such-model-offline") is None
+    assert model_card.base_licence(DEFAULT_BASE_MODEL_ID) == "apache-2.0"
+    assert model_card.base_licence("no/such-model-offline") is None
 
 
 def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_bert, tiny_data, tmp_path, monkeypatch):
@@ -875,10 +864,10 @@ def test_ddp_looks_for_unused_parameters_only_when_an_expert_can_miss_a_step(tin
 
     moe, _ = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
     shared, _ = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"], num_experts=1)
-    assert train.experts_can_miss_a_step(moe) and not train.experts_can_miss_a_step(shared)
+    assert training_setup.experts_can_miss_a_step(moe) and not training_setup.experts_can_miss_a_step(shared)
     for parameter in moe.parameters():  # nothing of the experts trained: none can miss a step
         parameter.requires_grad = False
-    assert not train.experts_can_miss_a_step(moe)
+    assert not training_setup.experts_can_miss_a_step(moe)
 
 
 def test_the_process_group_waits_as_long_as_ddp_timeout(monkeypatch):
@@ -901,7 +890,8 @@ def test_the_process_group_waits_as_long_as_ddp_timeout(monkeypatch):
 def test_validation_is_shared_between_processes_and_every_process_gets_every_vector(tiny_moe, monkeypatch):
     from types import SimpleNamespace
 
-    from encoders import TransformerEncoder
+    from moebert import encoders
+    from moebert.encoders import TransformerEncoder
 
     model, tokenizer = tiny_moe
     encoder = TransformerEncoder(model, tokenizer, 32, 2)
@@ -910,8 +900,8 @@ def test_validation_is_shared_between_processes_and_every_process_gets_every_vec
     encode = encoder.encode
     encoder.encode = lambda share, domain: (seen.append(list(share)), encode(share, domain))[1]
     # what process 1 would contribute, gathered beside this process's (process 0's) share
-    monkeypatch.setattr(training, "gather_object", lambda own: own + [encode(texts[1::2], "CVD")])
-    sharded = training.ShardedEncoder(encoder, SimpleNamespace(process_index=0, num_processes=2))
+    monkeypatch.setattr(encoders, "gather_object", lambda own: own + [encode(texts[1::2], "CVD")])
+    sharded = ShardedEncoder(encoder, SimpleNamespace(process_index=0, num_processes=2))
     vectors = sharded.encode(texts, "CVD")
     assert seen == [texts[0::2]]  # this process encoded only its share
     np.testing.assert_allclose(vectors, encode(texts, "CVD"), atol=1e-5)

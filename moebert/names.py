@@ -1,10 +1,14 @@
-"""Defaults shared by the scripts: the embedded base model, usable offline, and how local paths are published."""
+"""Names: the embedded base model, the default model folders, and how files that may be published name models and
+datasets."""
 
+import os
 from pathlib import Path
 
 from configuration_moebert import names_a_local_folder, public_model_name
 
 DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what saved models record as their base
+DEFAULT_OUTPUT_DIR = Path("outputs/moebert")  # train.py's model, which eval.py and search.py use by default
+SHARED_EXPERT_DIR = Path("outputs/shared-expert")  # where docs/training.md trains the one-expert baseline
 
 
 def default_base_model() -> str:
@@ -33,3 +37,22 @@ def public_name(name_or_path: str | None) -> str | None:
     if path.is_relative_to(Path.cwd().resolve()) and not in_cache:
         return path.relative_to(Path.cwd().resolve()).as_posix()
     return public_model_name(str(path))
+
+
+def public_arg(value):
+    """A command-line value as a published file shows it: paths as `public_name` names them (`DOMAIN=SOURCE` too)."""
+    if isinstance(value, list):
+        return [public_arg(v) for v in value]
+    if isinstance(value, str) and "=" in value and not os.path.isabs(value):
+        domain, _, source = value.partition("=")
+        return f"{domain}={public_name(source)}"
+    return public_name(value) if isinstance(value, str) else value
+
+
+def nearby_path(model: str, folder: Path) -> str | None:
+    """A local model folder's path relative to `folder` (a search index), when it lies within two folders up of it:
+    the two moved together keep working; else None, since a path that climbs further tells about this machine."""
+    if not Path(model).is_dir():
+        return None
+    relative = Path(os.path.relpath(Path(model).resolve(), Path(folder).resolve()))
+    return relative.as_posix() if relative.parts[:3].count("..") <= 2 else None

@@ -1,6 +1,7 @@
 """Metrics of how well a similarity score separates co-cited pairs (label 1) from random pairs (label 0).
 
-One implementation for `eval.py` and for the evaluation inside `train.py`. Threshold searches are exact: the scores
+One implementation for `eval.py` and for the evaluation inside `train.py`; the calibration of scores into
+probabilities is in `moebert.calibration`. Threshold searches are exact: the scores
 are sorted once (by scikit-learn's curve functions) and every cut between two distinct scores is considered; a
 pair is predicted co-cited when its score is >= the threshold.
 """
@@ -10,11 +11,14 @@ from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 
+BASE_METRICS = ("f1_max", "roc_auc", "average_precision")  # the headline metrics of a split
+
+
 class OneClassError(ValueError):
     """The labels hold a single class: F1max, ROC-AUC and thresholds mean nothing there."""
 
 
-def _checked(scores, labels) -> tuple[np.ndarray, np.ndarray]:
+def checked_pairs(scores, labels) -> tuple[np.ndarray, np.ndarray]:
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels).astype(int)
     if scores.shape != labels.shape or scores.ndim != 1:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be two 1-d arrays of one length.")
@@ -31,7 +35,7 @@ def _checked(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 def f1_max(scores, labels) -> dict:
     """The best F1 over all thresholds, with its threshold, precision and recall."""
-    scores, labels = _checked(scores, labels)
+    scores, labels = checked_pairs(scores, labels)
     precision, recall, thresholds = precision_recall_curve(labels, scores)
     precision, recall = precision[:-1], recall[:-1]  # the last point (recall 0) has no threshold
     f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision), where=precision + recall > 0)
@@ -46,7 +50,7 @@ def f1_max(scores, labels) -> dict:
 
 def best_accuracy(scores, labels) -> dict:
     """The best accuracy over all thresholds (predicting all pairs random included) and its threshold."""
-    scores, labels = _checked(scores, labels)
+    scores, labels = checked_pairs(scores, labels)
     fpr, tpr, thresholds = roc_curve(labels, scores, drop_intermediate=False)
     positives, negatives = labels.sum(), len(labels) - labels.sum()
     accuracy = (tpr * positives + (1 - fpr) * negatives) / len(labels)
@@ -56,7 +60,7 @@ def best_accuracy(scores, labels) -> dict:
 
 def at_threshold(scores, labels, threshold: float) -> dict:
     """F1, precision, recall and accuracy when pairs scoring >= `threshold` are called co-cited."""
-    scores, labels = _checked(scores, labels)
+    scores, labels = checked_pairs(scores, labels)
     predicted = scores >= threshold
     tp = int((predicted & (labels == 1)).sum())
     precision = tp / predicted.sum() if predicted.any() else 0.0
@@ -68,7 +72,7 @@ def at_threshold(scores, labels, threshold: float) -> dict:
 def pair_metrics(scores, labels) -> dict:
     """All threshold-free and best-threshold metrics of one split (the paper's protocol: the threshold is chosen
     on the split it is scored on)."""
-    scores, labels = _checked(scores, labels)
+    scores, labels = checked_pairs(scores, labels)
     mean_positive, mean_negative = float(scores[labels == 1].mean()), float(scores[labels == 0].mean())
     return (
         f1_max(scores, labels)
@@ -96,7 +100,7 @@ def honest_metrics(valid_scores, valid_labels, test_scores, test_labels) -> dict
 def roc_auc(scores, labels) -> float:
     """ROC-AUC as the Mann-Whitney statistic (ties count one half): the same number as scikit-learn's, without
     its per-call overhead, for the thousands of calls of a bootstrap."""
-    scores, labels = _checked(scores, labels)
+    scores, labels = checked_pairs(scores, labels)
     ranks = rankdata(scores)  # average ranks for ties
     positives = labels.sum()
     negatives = len(labels) - positives
@@ -105,7 +109,7 @@ def roc_auc(scores, labels) -> float:
 
 def f1_max_value(scores, labels) -> float:
     """The best F1 over all thresholds (cuts between distinct scores), as `f1_max` computes it."""
-    scores, labels = _checked(scores, labels)
+    scores, labels = checked_pairs(scores, labels)
     order = np.argsort(-scores, kind="stable")
     sorted_scores, true_positives = scores[order], np.cumsum(labels[order])
     cuts = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])  # last index of each distinct score
@@ -168,37 +172,32 @@ def _bootstrap_values(scored: dict, labels: dict, draws: list) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------- calibration
+# --------------------------------------------------------------------------------------------- ranking
 
 
-def fit_platt(scores, labels) -> tuple[float, float]:
-    """Platt scaling: (a, b) of P(co-cited) = sigmoid(a * score + b), by maximum likelihood (logistic regression
-    on the one score, unregularised). Monotone when a > 0."""
-    from sklearn.linear_model import LogisticRegression
-
-    scores, labels = _checked(scores, labels)
-    fit = LogisticRegression(C=np.inf, max_iter=1000).fit(scores[:, None], labels)
-    return float(fit.coef_[0, 0]), float(fit.intercept_[0])
-
-
-def platt(scores, a: float, b: float) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-(a * np.asarray(scores, dtype=np.float64) + b)))
-
-
-def calibration_metrics(probabilities, labels, bins: int = 10) -> dict:
-    """Expected calibration error (`bins` equal-width bins of predicted probability, each weighted by its share of
-    the pairs: |mean predicted - observed frequency|) and the Brier score (mean squared error of the probability)."""
-    probabilities, labels = _checked(np.clip(probabilities, 0.0, 1.0), labels)
-    which = np.minimum((probabilities * bins).astype(int), bins - 1)
-    gaps = [abs(probabilities[which == k].mean() - labels[which == k].mean()) * (which == k).mean()
-            for k in range(bins) if (which == k).any()]
-    return {"ece": float(sum(gaps)), "brier": float(np.mean((probabilities - labels) ** 2))}
+def ranking_metrics(similarity: np.ndarray, partners: dict, recall_ks=(10,)) -> dict:
+    """MRR, Recall@k and nDCG@10 of ranking, for each query row `q` of `similarity`, every other column; the
+    relevant columns of `q` are `partners[q]`. Candidates a query must not see can be set to -inf."""
+    reciprocal_ranks, ndcgs, recalls = [], [], {k: [] for k in recall_ks}
+    for query, relevant in partners.items():
+        ranking = np.argsort(-similarity[query], kind="stable")
+        hits = np.isin(ranking[ranking != query], list(relevant))
+        reciprocal_ranks.append(1 / (np.argmax(hits) + 1) if hits.any() else 0.0)
+        for k in recall_ks:
+            recalls[k].append(hits[:k].sum() / len(relevant))
+        gains = hits[:10] / np.log2(np.arange(2, 2 + len(hits[:10])))
+        ideal = (1 / np.log2(np.arange(2, 2 + min(len(relevant), 10)))).sum()
+        ndcgs.append(gains.sum() / ideal)
+    return {"mrr": float(np.mean(reciprocal_ranks)), "ndcg_at_10": float(np.mean(ndcgs))} | {
+        f"recall_at_{k}": float(np.mean(values)) for k, values in recalls.items()
+    }
 
 
-def reliability_curve(probabilities, labels, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean predicted probability, observed frequency, pairs) per non-empty bin: the points of a reliability plot."""
-    probabilities, labels = np.clip(np.asarray(probabilities, dtype=np.float64), 0, 1), np.asarray(labels)
-    which = np.minimum((probabilities * bins).astype(int), bins - 1)
-    kept = [k for k in range(bins) if (which == k).any()]
-    return (np.array([probabilities[which == k].mean() for k in kept]), np.array([labels[which == k].mean() for k in kept]),
-            np.array([(which == k).sum() for k in kept]))
+def metric_summary(results: dict) -> dict:
+    """The headline metrics of evaluated results: the mean over domains, and pooled (`pooled_`)."""
+    return {
+        f"{prefix}{name}": results[key][name]
+        for key, prefix in (("mean", ""), ("all", "pooled_"))
+        for name in BASE_METRICS
+        if name in results.get(key, {})
+    }

@@ -1,4 +1,4 @@
-"""Fetch a domain's papers and citation links from PubMed E-utilities, for `data.build pubmed`.
+"""Fetch a domain's papers and citation links from PubMed E-utilities, for `data/build.py pubmed`.
 
 esearch (with history) finds the PMIDs of a query, efetch gets their titles and abstracts (structured abstracts
 are joined section by section; records without an abstract are skipped), and elink gets, for every paper, the

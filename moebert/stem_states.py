@@ -9,16 +9,17 @@ and fed to `MoEBertModel.forward(stem_states=...)`.
 
 The files live in a folder named by a SHA-256 over the stem's weights, the token ids of every stored input (so the
 texts, the domain tokens, the tokenizer and the length) and the precision: a changed model, dataset or length gets
-a new folder and can never read stale states. A folder is written under a temporary name and renamed when complete.
+a new folder and can never read stale states. A folder appears complete or not at all (moebert.atomic).
 """
 
 import hashlib
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from moebert.atomic import writing_folder
 
 FORMAT = b"moebert-stem-states-v1"
 
@@ -71,7 +72,7 @@ class StemStates:
 
 def tokenize(model, tokenizer, inputs: list[tuple[int, str]], max_seq_length: int) -> list[list[int]]:
     """The token ids a forward pass would see: the domain token, the text, truncated to `max_seq_length`."""
-    texts = [f"{model.config.domain_tokens[domain]} {text}" for domain, text in inputs]
+    texts = [model.config.prepend_domain_token([text], model.config.domains[domain])[0] for domain, text in inputs]
     return tokenizer(texts, truncation=True, max_length=max_seq_length)["input_ids"]
 
 
@@ -89,9 +90,11 @@ def fingerprint(model, token_ids: list[list[int]], mixed_precision: str) -> str:
 
 def write_states(model, token_ids: list[list[int]], folder: Path, mixed_precision: str, batch_size: int):
     """Run the stem over every input, longest first (little padding), and store the unpadded rows."""
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    with writing_folder(folder) as tmp:
+        _write_states(model, token_ids, tmp, mixed_precision, batch_size)
+
+
+def _write_states(model, token_ids: list[list[int]], tmp: Path, mixed_precision: str, batch_size: int):
     lengths = np.array([len(ids) for ids in token_ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     values = np.lib.format.open_memmap(tmp / "states.npy", "w+", np.float32, (int(offsets[-1]), model.config.hidden_size))
@@ -119,5 +122,4 @@ def write_states(model, token_ids: list[list[int]], folder: Path, mixed_precisio
     values.flush()
     del values
     np.save(tmp / "offsets.npy", offsets)
-    tmp.rename(folder)  # complete: only now does the folder exist under its name
 

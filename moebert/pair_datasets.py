@@ -1,7 +1,7 @@
-"""Load pair datasets bound to domains, the one loader train.py and eval.py share.
+"""Pair datasets bound to domains: the one loader of train.py, eval.py and the benchmarks.
 
 A source is a Hub dataset id (e.g. `GleghornLab/abstract_domain_cvd`, or `ORG/NAME:CONFIG` for one config of a
-dataset pushed by `data.build --push_to_hub`), a folder written by
+dataset pushed by `data/build.py --push_to_hub`), a folder written by
 `DatasetDict.save_to_disk`, or a folder of per-split files `train.parquet` / `valid.csv` / `test.jsonl` ...
 Every split holds the columns `a`, `b` (two abstracts) and `label` (1 co-cited, 0 not).
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from datasets import DatasetDict, load_dataset, load_from_disk
 
-SAMPLE_DIR = Path(__file__).resolve().parent / "synergy"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "synergy"  # the embedded default, shipped in data/
 SPLITS = ("train", "valid", "test")
 REQUIRED_COLUMNS = ("a", "b", "label")
 FILE_BUILDERS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "json", ".json": "json"}

@@ -1,7 +1,7 @@
 """ONNX Runtime backend: each domain's expert as an ONNX graph, optionally with int8 weights, for fast CPU encoding.
 
-    python onnx_backend.py export --model outputs/moebert --output_dir outputs/moebert-onnx [--quantize int8|none]
-                                  [--domains Chou_2004,Oud_2018]
+    python -m moebert export --model outputs/moebert --output_dir outputs/moebert-onnx [--quantize int8|none]
+                             [--domains Chou_2004,Oud_2018]
 
 A MoE-BERT sends a whole text through one domain's expert, so for one domain it is a plain BERT
 (`MoEBertModel.extract_expert`). Each graph is that BERT with the model's pooling on top: the token ids of texts that
@@ -14,32 +14,32 @@ from; every graph carries the same fingerprint and its domain in its own metadat
 another domain is refused.
 
 `eval.py` and `search.py` take `--backend onnx`: given an export folder they use it; given a MoE-BERT they export it
-on first use into a cache keyed by its weights' fingerprint ($MOEBERT_CACHE/onnx, default ~/.cache/moebert/onnx)
-and reuse it afterwards.
+on first use into a cache keyed by what the export copies (`export_key`: the weights, the config without its
+calibration, the tokenizer; $MOEBERT_CACHE/onnx, default ~/.cache/moebert/onnx) and reuse it afterwards.
 """
 
-import argparse
 import functools
 import gc
 import hashlib
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from defaults import public_name
+from configuration_moebert import MoEBertConfig
+from moebert.atomic import writing_folder
+from moebert.encoders import Encoder, encode_in_batches
+from moebert.loading import is_moebert, load_moebert, model_fingerprint
+from moebert.names import public_name
 
 MANIFEST = "onnx_manifest.json"
 EXPORT_FORMAT = 1  # part of the cache key: a change to what a graph computes must not reuse older exports
 QUANTIZE_CHOICES = ("int8", "none")
-DEFAULT_BATCH_SIZE = 8  # when the caller gives None: less padding than 32, 52 against 44 texts/s (docs/speed.md)
 
 
 class ExportError(ValueError):
@@ -63,17 +63,13 @@ class PooledExpert(torch.nn.Module):
 
 def export(model, tokenizer, fingerprint: str, output_dir, quantize: str = "int8", domains=None, source=None) -> Path:
     """Write the ONNX export of `model` (a MoE-BERT) for `domains` (default: all) to `output_dir`; the folder
-    appears complete or not at all. `fingerprint` names the weights (see encoders.model_fingerprint)."""
-    from training import replace_folder
-
+    appears complete or not at all. `fingerprint` names the weights (see moebert.loading.model_fingerprint)."""
     if quantize not in QUANTIZE_CHOICES:
         raise ExportError(f"--quantize {quantize!r}: choose one of {list(QUANTIZE_CHOICES)}.")
     domains = list(domains or model.config.domains)
     indices = {domain: model.config.domain_index(domain) for domain in domains}  # unknown: ValueError naming the known
     output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
-    try:
+    with writing_folder(output_dir) as work:
         graphs = {}
         for domain in tqdm(domains, desc=f"exporting to ONNX ({quantize})", unit="domain"):
             graphs[domain] = graph_file_name(indices[domain], domain)
@@ -86,9 +82,6 @@ def export(model, tokenizer, fingerprint: str, output_dir, quantize: str = "int8
             "graphs": graphs, "exported_with": exporter_versions(),
         }
         (work / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_folder(work, output_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return output_dir
 
 
@@ -159,8 +152,6 @@ def export_key(spec: str) -> str:
     and tokenizer files (domains, their tokens and the layout: two models upcycled alike from one base share their
     weight files but not their domains). The calibration is left out: it is read from the model at every load, so
     `eval.py calibrate` needs no new export."""
-    from encoders import model_fingerprint
-
     digest = hashlib.sha256(model_fingerprint(spec).encode())
     folder = Path(spec)
     if folder.is_dir():
@@ -180,24 +171,21 @@ def is_export(folder) -> bool:
 # ------------------------------------------------------------------------------------------------ encoding
 
 
-class OnnxEncoder:
-    """Encodes texts with an ONNX export (see `export`): the encoder interface of encoders.TransformerEncoder
-    (`encode(texts, domain)`, `config`, `fingerprint`), each domain's graph loaded on first use."""
+class OnnxEncoder(Encoder):
+    """Encodes texts with an ONNX export (see `export`), each domain's graph loaded on first use; `fingerprint`
+    names the weights it was exported from."""
 
-    is_moebert = True
-    device = "cpu"
+    routes_by_domain = True
 
     def __init__(self, folder, max_seq_length: int, batch_size: int, config=None):
         """`config`: the MoE-BERT configuration to answer with (domains, calibration), by default the one copied at
         export time; a model's cached export is given the model's own, so a new calibration applies at once."""
         from transformers import AutoTokenizer
 
-        from configuration_moebert import MoEBertConfig
-
         self.folder = Path(folder)
         if not is_export(self.folder):
             raise ExportError(f"{self.folder} is no ONNX export of a MoE-BERT (no {MANIFEST}); write one with "
-                              "`python onnx_backend.py export --model MODEL --output_dir DIR`.")
+                              "`python -m moebert export --model MODEL --output_dir DIR`.")
         self.manifest = json.loads((self.folder / MANIFEST).read_text())
         if self.manifest.get("format") != EXPORT_FORMAT:
             raise ExportError(f"{self.folder} was written by another version of the exporter (format "
@@ -205,15 +193,12 @@ class OnnxEncoder:
         self.config = config or MoEBertConfig.from_pretrained(self.folder)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, config=self.config)
         self.fingerprint = self.manifest["fingerprint"]
-        self.max_seq_length, self.batch_size = max_seq_length, batch_size or DEFAULT_BATCH_SIZE
+        self.max_seq_length, self.batch_size = max_seq_length, batch_size
         self.sessions = {}
 
     @property
     def name(self) -> str:
         return f"onnx-{self.manifest['quantize']}"
-
-    def fit(self, train_texts):
-        pass
 
     def session(self, domain: str):
         if domain not in self.sessions:
@@ -223,7 +208,7 @@ class OnnxEncoder:
     def _open(self, domain: str):
         import onnxruntime
 
-        export_again = f"export again: python onnx_backend.py export --model {self.manifest.get('source') or 'MODEL'} " \
+        export_again = f"export again: python -m moebert export --model {self.manifest.get('source') or 'MODEL'} " \
                        f"--output_dir {self.folder}"
         if domain not in self.manifest["graphs"]:
             raise ExportError(f"domain {domain!r} is not in the ONNX export {self.folder} (it has "
@@ -251,8 +236,6 @@ class OnnxEncoder:
         return session
 
     def encode(self, texts: list[str], domain: str) -> np.ndarray:
-        from encoders import encode_in_batches
-
         session = self.session(domain)
 
         def run(batch_texts):
@@ -262,10 +245,6 @@ class OnnxEncoder:
 
         texts = self.config.prepend_domain_token(texts, domain)
         return encode_in_batches(texts, self.batch_size, self.config.hidden_size, f"encoding {domain}", run)
-
-    def cocitation_probability(self, cosine: float, domain: str) -> float:
-        a, b = self.config.calibration_parameters(domain)
-        return float(1 / (1 + np.exp(-(a * cosine + b))))
 
 
 @functools.cache
@@ -281,10 +260,6 @@ def register_shared_arena():
 
 def load_onnx_encoder(spec: str, max_seq_length: int, batch_size: int, quantize: str = "int8") -> OnnxEncoder:
     """An export folder as it is; a MoE-BERT (folder or Hub id) through its cached export, made on first use."""
-    from encoders import load_moebert, model_fingerprint
-
-    from configuration_moebert import MoEBertConfig
-
     if is_export(spec):
         return OnnxEncoder(spec, max_seq_length, batch_size)
     check_moebert(spec)
@@ -294,8 +269,6 @@ def load_onnx_encoder(spec: str, max_seq_length: int, batch_size: int, quantize:
 
 
 def check_moebert(spec: str):
-    from encoders import is_moebert
-
     if not is_moebert(spec):
         raise ExportError(f"{spec} is no MoE-BERT and no ONNX export of one: the onnx backend serves MoE-BERT models.")
 
@@ -311,33 +284,3 @@ def cached_onnx_encoder(fingerprint: str, load_model, max_seq_length: int, batch
         model, tokenizer = load_model()
         export(model, tokenizer, fingerprint, folder, quantize, source=source)
     return OnnxEncoder(folder, max_seq_length, batch_size, config)
-
-
-# ------------------------------------------------------------------------------------------------ command line
-
-
-def main(argv=None):
-    from encoders import load_moebert, model_fingerprint
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("export", help="export each domain's expert to ONNX")
-    command.add_argument("--model", required=True, help="a MoE-BERT folder or Hub id")
-    command.add_argument("--output_dir", required=True)
-    command.add_argument("--quantize", default="int8", choices=QUANTIZE_CHOICES, help="int8 weights (default) or fp32")
-    command.add_argument("--domains", default=None, help="comma-separated domains to export (default: all)")
-    args = parser.parse_args(argv)
-    try:
-        check_moebert(args.model)
-        model, tokenizer = load_moebert(args.model)
-        domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
-        folder = export(model, tokenizer, model_fingerprint(args.model), args.output_dir, args.quantize, domains,
-                        source=public_name(args.model))
-    except (OSError, ValueError) as error:
-        raise SystemExit(f"error: {str(error).splitlines()[0]}") from None
-    print(f"exported {len(domains or model.config.domains)} domain(s) of {args.model} to {folder} ({args.quantize})")
-    return folder
-
-
-if __name__ == "__main__":
-    main()

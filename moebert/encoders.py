@@ -1,0 +1,165 @@
+"""Encoders: texts of one domain in, one vector per text out. Training (valid scores), evaluation, search and the
+benchmarks all encode through this interface; a MoE-BERT routes each text to its domain's expert, other models
+ignore the domain. The ONNX Runtime encoder implements it in `moebert.onnx_export`.
+"""
+
+import numpy as np
+import torch
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+from moebert.calibration import platt
+from moebert.loading import refuse_remote_code
+
+
+class Encoder:
+    """`encode(texts, domain) -> float32 array (len(texts), dimension)`; `fit(train_texts)` for encoders that learn
+    from the domain's train texts. A MoE-BERT encoder (`routes_by_domain`) has the model's `config` (domains,
+    calibration) and gives calibrated co-citation probabilities."""
+
+    routes_by_domain = False
+    config = None
+    device = "cpu"
+
+    def fit(self, train_texts: list[str]):
+        """Nothing to learn for a pretrained encoder."""
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        raise NotImplementedError
+
+    def cocitation_probability(self, cosine: float, domain: str) -> float:
+        """The model's calibrated probability that two texts of `domain` with this cosine are co-cited."""
+        return float(platt(cosine, *self.config.calibration_parameters(domain)))
+
+
+def encode_in_batches(texts: list[str], batch_size: int, dimension: int, description: str, run, lengths=None):
+    """The vectors of `texts` in their order, computed `batch_size` at a time by `run(batch_texts) -> array`,
+    longest first (by `lengths`, default the characters): similar lengths share a batch, so little padding."""
+    order = np.argsort([-n for n in (lengths or map(len, texts))], kind="stable")
+    vectors = np.zeros((len(texts), dimension), dtype=np.float32)
+    for start in tqdm(range(0, len(texts), batch_size), desc=description, unit="batch", leave=False):
+        index = order[start : start + batch_size]
+        vectors[index] = run([texts[i] for i in index])
+    return vectors
+
+
+def normalise(vectors):
+    """Unit-length rows; sparse TF-IDF rows (already unit length) as CSR."""
+    if hasattr(vectors, "multiply"):
+        return vectors.tocsr()
+    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+class TransformerEncoder(Encoder):
+    """A MoE-BERT (texts get their domain token and go through its expert) or a plain encoder (mean pooling over
+    non-padding tokens), on torch."""
+
+    def __init__(self, model, tokenizer, max_seq_length: int, batch_size: int):
+        self.model, self.tokenizer = model, tokenizer
+        self.routes_by_domain = getattr(model.config, "model_type", None) == "moebert"
+        self.config = model.config if self.routes_by_domain else None
+        self.max_seq_length, self.batch_size = max_seq_length, batch_size
+
+    @property
+    def device(self) -> str:
+        return str(self.model.device)
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        if self.routes_by_domain:
+            texts = self.model.prepend_domain_token(texts, domain)  # unknown domain: ValueError naming the known
+
+        def run(batch_texts):
+            batch = self.tokenizer(
+                batch_texts, padding=True, truncation=True, max_length=self.max_seq_length, return_tensors="pt"
+            ).to(self.model.device)
+            if self.routes_by_domain:  # by name, in either routing mode (token routing would read the zero segments)
+                batch["domain_ids"] = torch.full(
+                    (len(batch_texts),), self.model.config.domain_index(domain), device=self.model.device
+                )
+            with torch.inference_mode():
+                output = self.model(**batch)
+            return self._pool(output, batch["attention_mask"]).float().cpu().numpy()
+
+        return encode_in_batches(texts, self.batch_size, self.model.config.hidden_size, f"encoding {domain}", run)
+
+    def _pool(self, output, attention_mask):
+        if self.routes_by_domain:
+            return output.pooler_output
+        mask = attention_mask.unsqueeze(-1).to(output.last_hidden_state.dtype)
+        return (output.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class StemEncoder(Encoder):
+    """A MoE-BERT over stored stem states (moebert.stem_states): each text is encoded from the first MoE layer's
+    experts up, which is what the model computes from the text (it must be among the stored inputs). Training scores
+    `valid` with it while the stem is frozen."""
+
+    routes_by_domain = True
+
+    def __init__(self, model, stems, batch_size: int):
+        self.model, self.stems, self.batch_size, self.config = model, stems, batch_size, model.config
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        domain_id = self.model.config.domain_index(domain)
+
+        def run(batch_texts):
+            batch = self.stems.batch([(domain_id, t) for t in batch_texts])
+            batch = {k: v.to(self.model.device) for k, v in batch.items()}
+            domain_ids = torch.full((len(batch_texts),), domain_id, device=self.model.device)
+            with torch.inference_mode():
+                return self.model(**batch, domain_ids=domain_ids).pooler_output.float().cpu().numpy()
+
+        lengths = [self.stems.length((domain_id, t)) for t in texts]  # stored token counts
+        return encode_in_batches(texts, self.batch_size, self.model.config.hidden_size, f"encoding {domain}", run, lengths)
+
+
+class ShardedEncoder(Encoder):
+    """Every process encodes its share of the texts (every num_processes-th one) and all of them get every vector:
+    validation keeps all processes working in step, rather than leaving the others in a barrier that a long
+    validation would run into its timeout."""
+
+    def __init__(self, encoder: Encoder, accelerator):
+        self.encoder, self.accelerator = encoder, accelerator
+        self.routes_by_domain, self.config = encoder.routes_by_domain, encoder.config
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        shares = gather_object([self.encoder.encode(texts[rank::world], domain)])
+        vectors = np.zeros((len(texts), shares[0].shape[1]), dtype=np.float32)
+        for process, share in enumerate(shares):
+            vectors[process::world] = share
+        return vectors
+
+
+class SentenceTransformerEncoder(Encoder):
+    """A sentence-transformers model (a repo with `modules.json`), encoded with its own pooling and normalisation:
+    mean pooling would be wrong for models trained with CLS or last-token pooling."""
+
+    def __init__(self, name_or_path: str, max_seq_length: int, batch_size: int, device: str = "cpu",
+                 trust_remote_code=False):
+        from sentence_transformers import SentenceTransformer
+
+        try:
+            self.model = SentenceTransformer(name_or_path, trust_remote_code=trust_remote_code, device=device)
+        except ValueError as error:
+            refuse_remote_code(name_or_path, error)
+        self.model.max_seq_length = max_seq_length
+        self.batch_size = batch_size
+
+    def encode(self, texts: list[str], domain: str) -> np.ndarray:
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_numpy=True, show_progress_bar=True)
+
+
+class TfidfEncoder(Encoder):
+    """The classic reference: TF-IDF vectors fitted on the domain's training texts."""
+
+    def __init__(self):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        self.vectorizer = TfidfVectorizer(sublinear_tf=True, stop_words="english")
+
+    def fit(self, train_texts: list[str]):
+        self.vectorizer.fit(train_texts)
+
+    def encode(self, texts: list[str], domain: str):
+        return self.vectorizer.transform(texts)
