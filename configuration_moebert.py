@@ -80,6 +80,8 @@ class MoEBertConfig(BertConfig):
         calibration (`dict`, *optional*): per domain, the map from cosine similarity to the probability that two
             texts are co-cited, `{"method": "platt", "fitted_on": "valid", "parameters": {domain: [a, b]}}` for
             `sigmoid(a * cosine + b)`; see `MoEBertModel.cocitation_probability`.
+        expert_sources (`dict`, *optional*): per domain whose experts were loaded from an expert file, where from:
+            `{"source", "revision", "shared_weights": "same" | "not recorded" | "other"}`.
     """
 
     model_type = "moebert"
@@ -95,6 +97,7 @@ class MoEBertConfig(BertConfig):
         pooling="mean",
         base_model_name_or_path=None,
         calibration=None,
+        expert_sources=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -109,6 +112,7 @@ class MoEBertConfig(BertConfig):
         self.pooling = pooling
         self.base_model_name_or_path = base_model_name_or_path
         self.calibration = calibration
+        self.expert_sources = expert_sources
         self.validate_moe()
 
     def to_dict(self) -> dict:
@@ -145,6 +149,9 @@ class MoEBertConfig(BertConfig):
         unknown = sorted(set((self.calibration or {}).get("parameters", {})) - set(self.domains))
         if unknown:
             raise ValueError(f"calibration for unknown domains {unknown}: this model knows {self.domains}.")
+        unknown = sorted(set(self.expert_sources or {}) - set(self.domains))
+        if unknown:
+            raise ValueError(f"expert_sources for unknown domains {unknown}: this model knows {self.domains}.")
 
     def expert_of_domain(self, domain_id: int) -> int:
         return domain_id if self.num_experts > 1 else 0

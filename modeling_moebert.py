@@ -31,11 +31,12 @@ from transformers.models.bert.modeling_bert import (
 from transformers.utils import logging
 
 try:
-    from .configuration_moebert import MoEBertConfig, default_domain_token, public_model_name
-except ImportError:  # imported as a top-level module from a source checkout rather than from the Hub
-    from configuration_moebert import MoEBertConfig, default_domain_token, public_model_name
+    from .configuration_moebert import MoEBertConfig, default_domain_token
+    from .experts_moebert import load_expert_file, save_expert_file, save_expert_files
+except ImportError:  # imported as top-level modules from a source checkout rather than from the Hub
+    from configuration_moebert import MoEBertConfig, default_domain_token
+    from experts_moebert import load_expert_file, save_expert_file, save_expert_files
 
-EXPERT_FILE_FORMAT = "moebert-expert-v1"
 # A dense BERT parameter that an MoE layer holds per expert, and its name inside the MoE layer.
 _DENSE_TO_MOE = {
     "intermediate.dense": "experts.{expert}.intermediate.dense",
@@ -485,7 +486,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
         """
         if name in self.config.domains:
             raise ValueError(f"domain {name!r} already exists: this model knows {self.config.domains}.")
-        if self.config.num_experts > 1:
+        if self.config.num_experts == len(self.config.domains):  # one expert per domain (a shared one stays shared)
             dense_state = self._feed_forward_source(init_from)
             for layer in self.config.moe_layers:
                 self.encoder.layer[layer].experts.append(MoEBertExpert(self.config).to(self.device, self.dtype))
@@ -515,58 +516,22 @@ class MoEBertModel(MoEBertPreTrainedModel):
     # ----------------------------------------------------------------------------------------- expert files
 
     def save_expert(self, domain: str, path: str | os.PathLike) -> None:
-        """Write one domain's experts (and its domain-token embedding row) to their own safetensors file."""
-        from safetensors.torch import save_file
+        """Write one domain's experts (and its domain-token embedding row) to their own safetensors file, with the
+        fingerprint of the shared weights they were trained on and the domain's calibration (experts_moebert)."""
+        save_expert_file(self, domain, path)
 
-        index = self.config.domain_index(domain)
-        expert_state = self.expert_state(self.config.expert_of_domain(index))
-        tensors = {k.removeprefix("encoder."): v.contiguous() for k, v in expert_state.items()}
-        if self.config.domain_token_ids is not None:
-            token_id = self.config.domain_token_ids[index]
-            tensors["domain_token_embedding"] = self.get_input_embeddings().weight[token_id].detach().clone()
-        metadata = {
-            "format": EXPERT_FILE_FORMAT,
-            "domain": domain,
-            "domain_token": self.config.domain_tokens[index],
-            "moe_layers": json.dumps(self.config.moe_layers),
-            "hidden_size": str(self.config.hidden_size),
-            "intermediate_size": str(self.config.intermediate_size),
-            "base_model_name_or_path": str(public_model_name(self.config.base_model_name_or_path)),
-        }
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp_path = f"{path}.tmp"
-        save_file({k: v.detach().cpu() for k, v in tensors.items()}, tmp_path, metadata=metadata)
-        os.replace(tmp_path, path)
+    def save_experts(self, folder: str | os.PathLike, domains: list[str] | None = None) -> None:
+        """`<folder>/<DOMAIN>.safetensors` for each domain (default: all)."""
+        save_expert_files(self, folder, domains)
 
-    def load_expert(self, path: str | os.PathLike, tokenizer=None) -> str:
-        """Load a file written by `save_expert`; replaces that domain's experts, or adds the domain (then
-        `tokenizer` is needed, to add its token). Returns the domain name."""
-        tensors, metadata = _read_expert_file(path)
-        expected = {
-            "moe_layers": json.dumps(self.config.moe_layers),
-            "hidden_size": str(self.config.hidden_size),
-            "intermediate_size": str(self.config.intermediate_size),
-        }
-        mismatched = {k: (metadata.get(k), v) for k, v in expected.items() if metadata.get(k) != v}
-        if mismatched:
-            details = ", ".join(f"{k}: file {f}, model {m}" for k, (f, m) in mismatched.items())
-            raise ValueError(f"{path} does not fit this model ({details}): it was made for another base or layout.")
-        dense_state = {f"encoder.{k}": v for k, v in tensors.items()}
-        missing = sorted(set(_dense_ffn_keys(self.config)) - set(dense_state))
-        if missing:
-            raise ValueError(f"{path} lacks {missing[:4]}{'...' if len(missing) > 4 else ''}: not a complete expert file.")
-        domain = metadata["domain"]
-        if domain not in self.config.domains:
-            if tokenizer is None:
-                raise ValueError(f"{path} holds the new domain {domain!r}: pass tokenizer= so its token can be added.")
-            self.add_domain(domain, tokenizer, init_from=self.config.domains[0], token=metadata["domain_token"])
-        index = self.config.domain_index(domain)
-        self.load_expert_state(self.config.expert_of_domain(index), dense_state)
-        (self.config.calibration or {}).get("parameters", {}).pop(domain, None)  # fitted for the expert replaced
-        if "domain_token_embedding" in tensors and self.config.domain_token_ids is not None:
-            with torch.no_grad():
-                self.get_input_embeddings().weight[self.config.domain_token_ids[index]] = tensors["domain_token_embedding"]
-        return domain
+    def load_expert(self, source, tokenizer=None, domain: str | None = None, revision: str | None = None,
+                    allow_other_shared_weights: bool = False) -> str:
+        """Load a domain's experts from a file written by `save_expert`, or from a Hub repo's
+        `experts/<domain>.safetensors` (`model.load_expert("org/repo", domain="CVD")`, through the Hugging Face
+        cache). They replace that domain's experts, or add the domain (then pass `tokenizer`, for its token); the
+        domain's calibration comes with them. An expert trained on other shared weights than this model's (all
+        weights trained, or another base) is refused unless `allow_other_shared_weights=True`. Returns the domain."""
+        return load_expert_file(self, source, tokenizer, domain, revision, allow_other_shared_weights)
 
     # ------------------------------------------------------------------------------------------------ saving
 
@@ -649,25 +614,6 @@ def _dense_ffn_keys(config) -> list[str]:
         for part in ("intermediate.dense", "output.dense")
         for param in ("weight", "bias")
     ]
-
-
-def _read_expert_file(path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"expert file {path} not found.")
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        tensors = load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({error}): it may be truncated or corrupt; download it again."
-        ) from None
-    if metadata.get("format") != EXPERT_FILE_FORMAT:
-        raise ValueError(f"{path} is not a MoE-BERT expert file (metadata format {metadata.get('format')!r}).")
-    return tensors, metadata
 
 
 MoEBertConfig.register_for_auto_class()

@@ -158,6 +158,9 @@ def add_output_arguments(parser):
     parser.add_argument("--hub_strategy", default="every_save", choices=["end", "every_save", "checkpoint"], help="end: "
                         "the final model only; every_save: also each checkpoint's model; checkpoint: also the full "
                         "training state of the latest checkpoint, under last-checkpoint/ (resume it on another machine)")
+    parser.add_argument("--push_experts", default="all", choices=["all", "trained"], help="the expert files pushed under "
+                        "experts/: all domains', or only those of the domains this run trained (one group's "
+                        "contribution of a domain to a published model, for others to compose)")
     parser.add_argument("--hub_private_repo", action="store_true")
     parser.add_argument("--hub_token", default=None, help="default: the token saved by `hf auth login` or HF_TOKEN")
     parser.add_argument("--stop_timeout", type=float, default=60, help="on SIGTERM/SIGINT: seconds to wait for queued "
@@ -196,6 +199,8 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
     if args.attention_dropout is not None:
         training_setup.set_attention_dropout(model, args.attention_dropout)
     domains = model.config.domains  # ids by the model's own order, whatever the order of --dataset flags
+    for domain in specs:  # experts about to be trained are no longer the ones an expert file gave
+        (model.config.expert_sources or {}).pop(domain, None)
     with refused(DatasetError):
         train_pairs, known_pairs = training_pairs(datasets, domains, args.hard_negatives, args.seed)
     with refused(ValueError):  # stored states cut short
@@ -367,8 +372,10 @@ def evaluate_and_keep_best(args, accelerator: Accelerator, workspace: Workspace,
 
 
 def evaluate(model, tokenizer, datasets, args, accelerator, stems) -> dict:
-    """Valid metrics, the model's calibration refitted on them (moebert.evaluation.validate)."""
-    return validate(model, tokenizer, datasets, args.max_seq_length, args.per_device_eval_batch_size, accelerator, stems)
+    """Valid metrics, the model's calibration refitted on them (moebert.evaluation.validate); with the shared weights
+    frozen, the domains this run does not train keep theirs."""
+    return validate(model, tokenizer, datasets, args.max_seq_length, args.per_device_eval_batch_size, accelerator, stems,
+                    keep_other_calibrations=args.train_experts_only)
 
 
 def checkpoint(args, accelerator: Accelerator, workspace: Workspace, run: Run, state: TrainingState, pusher):
@@ -378,7 +385,7 @@ def checkpoint(args, accelerator: Accelerator, workspace: Workspace, run: Run, s
         folder = save_checkpoint(accelerator, run.model, run.tokenizer, workspace, state.step, state,
                                  args.checkpoints_total_limit)
     if pusher and args.hub_strategy in ("every_save", "checkpoint"):
-        pusher.push(folder / "model", "", f"Training in progress, step {state.step}")
+        pusher.push(folder / "model", "", f"Training in progress, step {state.step}", pushed_files(folder / "model", args))
     if pusher and args.hub_strategy == "checkpoint":
         pusher.push(folder, "last-checkpoint", f"Checkpoint at step {state.step}")
 
@@ -405,10 +412,18 @@ def finish(args, accelerator: Accelerator, workspace: Workspace, run: Run, state
                 save_model(model, run.tokenizer, workspace.output_dir, state)
                 print(f"model saved to {workspace.output_dir}/")
         if pusher:
-            pusher.push(workspace.output_dir, "", "End of training")
+            pusher.push(workspace.output_dir, "", "End of training", pushed_files(workspace.output_dir, args))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return state
+
+
+def pushed_files(folder: Path, args) -> list[str]:
+    """The files of a model folder that go to the Hub: all, or with --push_experts trained only the expert files of
+    the domains this run trained."""
+    trained = {f"experts/{domain}.safetensors" for domain in parse_dataset_specs(args.dataset)}
+    files = [str(p.relative_to(folder)) for p in sorted(folder.rglob("*")) if p.is_file()]
+    return [f for f in files if args.push_experts == "all" or not f.startswith("experts/") or f in trained]
 
 
 @contextlib.contextmanager

@@ -101,11 +101,12 @@ def scored_metrics(per_domain: dict) -> dict:
 
 
 def validate(model, tokenizer, datasets: dict, max_seq_length: int, batch_size: int, accelerator=None,
-             stems=None) -> dict:
+             stems=None, keep_other_calibrations: bool = False) -> dict:
     """Valid metrics of a model in training; with several processes each encodes a share of the texts and all get
     the same results. With stored stem states, each text is encoded from the first MoE layer's experts up. The
     model's calibration (cosine -> probability of co-citation, per domain) is refitted on these valid scores, so
-    every model saved (best, checkpoint, final) carries the calibration of its own weights."""
+    every model saved (best, checkpoint, final) carries the calibration of its own weights; the domains not in
+    `datasets` keep theirs with `keep_other_calibrations` (their experts and the shared weights did not change)."""
     model.eval()
     if stems is not None:
         encoder = StemEncoder(model, stems, batch_size)
@@ -114,6 +115,10 @@ def validate(model, tokenizer, datasets: dict, max_seq_length: int, batch_size: 
     if accelerator is not None and accelerator.num_processes > 1:
         encoder = ShardedEncoder(encoder, accelerator)
     results, scored = evaluate_model(encoder, datasets, "valid")
-    model.config.calibration = fit_calibration(scored)
+    calibration = fit_calibration(scored)
+    if keep_other_calibrations:
+        kept = {d: p for d, p in (model.config.calibration or {}).get("parameters", {}).items() if d not in datasets}
+        calibration["parameters"] = kept | calibration["parameters"]
+    model.config.calibration = calibration
     model.train()
     return results

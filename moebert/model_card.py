@@ -38,7 +38,9 @@ with torch.no_grad():
     embeddings = model(**tokenizer(texts, padding=True, truncation=True, return_tensors="pt")).pooler_output
 ```
 
-One domain's experts alone: `experts/<DOMAIN>.safetensors`, loaded with `model.load_expert(path, tokenizer=tokenizer)`.
+One domain's experts alone: `experts/<DOMAIN>.safetensors`, loaded into a model of the same base with
+`model.load_expert("{repo}", domain="{domain}", tokenizer=tokenizer)`, or composed with experts of other
+publishers: `python -m moebert compose --base BASE --expert {repo}:{domain} --expert ORG/OTHER:DOMAIN ...`.
 {calibration}
 ## Training
 

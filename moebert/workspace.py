@@ -63,9 +63,8 @@ def save_model(model, tokenizer, folder: Path, state: TrainingState):
     with writing_folder(folder) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if model.config.num_experts > 1:  # each domain's experts alone, to download only the domains one needs
-            for domain in model.config.domains:
-                model.save_expert(domain, tmp / "experts" / f"{domain}.safetensors")
+        if model.config.num_experts == len(model.config.domains):  # each domain's experts alone, to compose by domain
+            model.save_experts(tmp / "experts")
         (tmp / STATE_FILE).write_text(state.to_json())
         (tmp / "README.md").write_text(model_card(state, model.config))
 

@@ -1,9 +1,12 @@
-"""A local stand-in for the Hub's HTTP API, enough for `create_repo` + `upload_folder` (files sent inline)."""
+"""A local stand-in for the Hub's HTTP API, enough for `create_repo` + `upload_folder` (files sent inline) and for
+downloading a file of a repo (`hf_hub_download`: HEAD then GET of `/{repo}/resolve/{revision}/{path}`)."""
 
 import base64
+import hashlib
 import json
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -16,7 +19,7 @@ class FakeHub(ThreadingHTTPServer):
         self.requests: list[tuple[str, str]] = []
         self.authorizations: set[str] = set()  # Authorization headers seen
         self.commits: list[dict] = []  # {"repo", "summary", "files": {path: bytes}}
-        self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": {path: bytes}}
+        self.repos: dict[str, dict] = {}  # repo id -> {"private": bool, "files": {path: bytes}, "commit": oid}
         self._thread = threading.Thread(target=self.serve_forever, daemon=True)
 
     @property
@@ -46,9 +49,32 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def do_HEAD(self):
+        self._serve_file(send_body=False)
+
     def do_GET(self):
-        self.server.requests.append(("GET", self.path))
-        self._reply(500 if self.server.fail else 404, {"error": "not served by the fake hub"})
+        self._serve_file(send_body=True)
+
+    def _serve_file(self, send_body: bool):
+        """A file of a repo at its newest commit (any revision name is taken for the newest)."""
+        self.server.requests.append((self.command, self.path))
+        parts = urllib.parse.unquote(self.path.split("?")[0]).strip("/").split("/")
+        repo = "/".join(parts[:2])
+        if self.server.fail or len(parts) < 5 or parts[2] != "resolve" or repo not in self.server.repos:
+            return self._reply(500 if self.server.fail else 404, {"error": "not served by the fake hub"})
+        content = self.server.repos[repo]["files"].get("/".join(parts[4:]))
+        if content is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            return self.end_headers()
+        self.send_response(200)
+        self.send_header("X-Repo-Commit", self.server.repos[repo]["commit"])
+        self.send_header("ETag", f'"{hashlib.sha256(content).hexdigest()}"')
+        self.send_header("Content-Length", str(len(content)))
+        self.end_headers()
+        if send_body:
+            self.wfile.write(content)
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -96,6 +122,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.server.commits.append(commit)
         self.server.repos[repo]["files"].update(commit["files"])
         oid = f"{len(self.server.commits):040x}"
+        self.server.repos[repo]["commit"] = oid
         self._reply(200, {"commitUrl": f"{self.server.endpoint}/{repo}/commit/{oid}", "commitOid": oid})
 
 

@@ -59,11 +59,20 @@ def test_probabilities_are_the_domains_own_map_and_refused_where_there_is_none(c
         uncalibrated.cocitation_probability(cosines, "CVD")
 
 
-def test_an_expert_loaded_over_a_domain_loses_that_domains_calibration(calibrated_moe, tmp_path):
+def test_an_expert_brings_its_domains_calibration_and_an_older_file_takes_the_old_one_away(calibrated_moe, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
     model, tokenizer = calibrated_moe
     model.save_expert("COPD", tmp_path / "COPD.safetensors")
+    model.config.calibration["parameters"]["COPD"] = [1.0, 0.0]
     model.load_expert(tmp_path / "COPD.safetensors")
-    assert set(model.config.calibration["parameters"]) == {"CVD"}
+    assert model.config.calibration["parameters"] == {"CVD": [8.0, -4.0], "COPD": [5.0, -2.0]}  # the file's
+    metadata = safe_open(tmp_path / "COPD.safetensors", framework="pt").metadata()
+    older = {k: v for k, v in metadata.items() if k != "calibration"}
+    save_file(load_file(tmp_path / "COPD.safetensors"), tmp_path / "older.safetensors", metadata=older)
+    model.load_expert(tmp_path / "older.safetensors")
+    assert set(model.config.calibration["parameters"]) == {"CVD"}  # fitted for the expert replaced: gone
     with pytest.raises(ValueError, match="fit one with `python eval.py calibrate --model PATH`"):
         model.cocitation_probability(0.5, "COPD")
 

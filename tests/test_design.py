@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-HUB_FILES = {"modeling_moebert", "configuration_moebert"}
+HUB_FILES = {"modeling_moebert", "configuration_moebert", "experts_moebert"}
 
 
 def project_files() -> dict[str, Path]:

@@ -564,11 +564,15 @@ def _expert_metadata(path):
 
 
 def test_modeling_file_imports_only_torch_transformers_and_its_config():
-    from transformers.dynamic_module_utils import get_imports, get_relative_imports
+    from transformers.dynamic_module_utils import get_imports, get_relative_import_files, get_relative_imports
 
-    third_party = set(get_imports(ROOT / "modeling_moebert.py")) - set(sys.stdlib_module_names)
-    assert third_party <= {"torch", "transformers", "safetensors"}  # safetensors is a dependency of transformers
-    assert get_relative_imports(ROOT / "modeling_moebert.py") == ["configuration_moebert"]
+    for name in ("modeling_moebert.py", "experts_moebert.py", "configuration_moebert.py"):
+        third_party = set(get_imports(ROOT / name)) - set(sys.stdlib_module_names)
+        assert third_party <= {"torch", "transformers", "safetensors"}, name  # safetensors comes with transformers
+    # what the Hub downloads beside the modeling file for trust_remote_code: its two sibling files
+    assert sorted(get_relative_imports(ROOT / "modeling_moebert.py")) == ["configuration_moebert", "experts_moebert"]
+    assert sorted(Path(f).name for f in get_relative_import_files(ROOT / "modeling_moebert.py")) == [
+        "configuration_moebert.py", "experts_moebert.py"]
 
 
 def test_from_bert_refuses_a_checkpoint_with_missing_encoder_weights(tiny_bert, tmp_path):
