@@ -4,11 +4,13 @@
                                                             # outputs/moebert (or the untrained embedded model)
     python search.py query --text "Baclofen for spasticity after stroke" [--domain Chou_2004] [--top_k 10] [--json]
     python search.py index --papers papers.csv.gz --model ORG/MOEBERT --output_dir my_index [--add] [--backend onnx]
+    accelerate launch search.py index --papers pubmed.parquet --model ORG/MOEBERT --output_dir my_index  # N GPUs
     python search.py query --index my_index --queries questions.txt
 
-A collection is a table with columns `id`, `text`, `domain`; `index` writes a resumable index into `--output_dir`
-(moebert.search_index says what it holds); `query` embeds the query with the index's own model, through the expert
-of `--domain` or, without it, of the predicted domain.
+A collection is a table with columns `id`, `text`, `domain`, read in pieces (moebert.collections); `index` writes a
+resumable index into `--output_dir` (moebert.search_index says what it holds), with any number of processes and
+machines under `accelerate launch` (each process encodes its share of the chunks); `query` embeds the query with the
+index's own model, through the expert of `--domain` or, without it, of the predicted domain.
 
 From Python:
 
@@ -25,7 +27,7 @@ from moebert.cocitation import read_table
 from moebert.encoding import EncodingOptions, add_encoding_arguments
 from moebert.names import DEFAULT_OUTPUT_DIR
 from moebert.onnx_export import ExportError
-from moebert.search_index import DEFAULT_INDEX_DIR, IndexSettings, PaperIndex, SearchError, build_index
+from moebert.search_index import DEFAULT_INDEX_DIR, IVFPQ_ABOVE, IndexSettings, PaperIndex, SearchError, build_index
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,13 +40,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     index.add_argument("--output_dir", default=str(DEFAULT_INDEX_DIR))
     index.add_argument("--add", action="store_true", help="append these papers to the index in --output_dir")
     defaults = IndexSettings()
-    index.add_argument("--index_type", default=defaults.index_type, choices=["flat", "ivfpq"])
+    index.add_argument("--index_type", default=defaults.index_type, choices=["auto", "flat", "ivfpq"], help="auto: "
+                       f"flat up to {IVFPQ_ABOVE:,} papers, IVF-PQ above (compressed codes in memory, candidates "
+                       "re-scored from the stored vectors)")
     index.add_argument("--nlist", type=int, default=defaults.nlist, help="ivfpq: inverted lists")
     index.add_argument("--pq_m", type=int, default=defaults.pq_m, help="ivfpq: bytes per vector (divides the dimension)")
     index.add_argument("--train_size", type=int, default=defaults.train_size, help="ivfpq: vectors to train the "
                        "quantizer on")
     index.add_argument("--chunk_size", type=int, default=defaults.chunk_size, help="papers per chunk written (the unit "
-                       "of resume)")
+                       "of resume and of the processes' shares)")
+    index.add_argument("--classifier_sample", type=int, default=defaults.classifier_sample, help="papers the domain "
+                       "classifier is fitted on, drawn from the whole collection")
     add_encoding_arguments(index)
     query = commands.add_parser("query", help="search an index")
     query.add_argument("--index", default=str(DEFAULT_INDEX_DIR))
@@ -90,7 +96,8 @@ def main(argv=None):
     options = EncodingOptions.from_args(args)
     try:
         if args.command == "index":
-            settings = IndexSettings(args.index_type, args.nlist, args.pq_m, args.train_size, args.chunk_size)
+            settings = IndexSettings(args.index_type, args.nlist, args.pq_m, args.train_size, args.chunk_size,
+                                     args.classifier_sample)
             return build_index(args.papers, Path(args.output_dir), args.model, options, settings, args.add)
         index = PaperIndex.load(args.index, args.model, options, args.nprobe, args.rerank)
         results = index.search(args.texts, args.domain, args.top_k)

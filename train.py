@@ -31,7 +31,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from moebert import training_setup
 from moebert.batches import make_collate, train_dataloader, training_pairs
-from moebert.device import bf16_is_native, default_device
+from moebert.device import ProcessGroupError, bf16_is_native, check_process_group, default_device
 from moebert.evaluation import validate
 from moebert.hub import HubPusher
 from moebert.losses import backward_step
@@ -467,12 +467,8 @@ def main(argv=None):
         **tracking,
     )
     accelerator.print(describe(args.recipe_record))
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched != accelerator.num_processes:  # each process would train alone and overwrite the others' files
-        raise SystemExit(
-            f"error: {launched} processes were launched but Accelerate sees {accelerator.num_processes}. On a machine "
-            "without GPUs, launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ..."
-        )
+    with refused(ProcessGroupError):
+        check_process_group(accelerator.num_processes)
     if accelerator.is_main_process:
         for folder in workspace.recover():  # a swap of folders that a kill cut short
             print(f"{folder}: finished the model save a kill had interrupted")

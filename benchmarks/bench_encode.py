@@ -149,7 +149,7 @@ def main():
 
     from moebert.device import bf16_is_native
     from moebert.names import default_base_model
-    from moebert.search_index import shipped_papers
+    from moebert.collections import shipped_papers
 
     papers = shipped_papers().head(args.texts)
     bf16 = bf16_is_native("cpu")

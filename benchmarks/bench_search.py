@@ -23,10 +23,11 @@ import faiss
 import numpy as np
 import pandas as pd
 
+from moebert.collections import shipped_papers
 from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
 from moebert.device import autocast
 from moebert.encoding import EncodingOptions
-from moebert.search_index import EMBEDDED_MODEL, StoredVectors, embed, index_encoder, ivfpq_index, shipped_papers
+from moebert.search_index import EMBEDDED_MODEL, StoredVectors, embed, index_encoder, ivfpq_index
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 

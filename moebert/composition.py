@@ -70,6 +70,8 @@ def compose(base: str, experts: list[str], allow_other_shared_weights: bool = Fa
     if duplicated:
         raise CompositionError(f"domains {duplicated} are given by more than one --expert: give each domain once.")
     files = {domain: resolve_expert(source, domain, revision) for source, domain, revision in specs}
+    files = {domain: (path, provenance | ({"source": public_name(path)} if Path(path) == Path(source) else {}))
+             for (source, _, _), (domain, (path, provenance)) in zip(specs, files.items())}  # a local file: as typed
     if is_moebert(local_copy(base)):
         model, tokenizer = load_moebert(local_copy(base))
     else:

@@ -1,5 +1,6 @@
 """Which device a model runs on and whether bf16 pays there."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -29,3 +30,18 @@ def autocast(device: str, precision: str):
     if precision == "auto" and not use_bf16:
         print(f"encoding in fp32: bf16 is not native on {device}", file=sys.stderr)
     return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
+
+
+class ProcessGroupError(RuntimeError):
+    """Processes were launched that do not form one group."""
+
+
+def check_process_group(num_processes: int):
+    """Processes that `accelerate launch` started but that do not form one group would each work alone and overwrite
+    each other's files: refused in one line that says how to launch on a machine without GPUs."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != num_processes:
+        raise ProcessGroupError(
+            f"{launched} processes were launched but Accelerate sees {num_processes}. On a machine without GPUs, "
+            "launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N ..."
+        )

@@ -219,6 +219,7 @@ class OnnxEncoder(Encoder):
             raise ExportError(f"{path}, the graph of domain {domain!r}, is missing; {export_again}.")
         options = onnxruntime.SessionOptions()
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = torch.get_num_threads()  # one process per core under accelerate launch
         options.add_session_config_entry("session.use_env_allocators", "1")
         register_shared_arena()
         try:

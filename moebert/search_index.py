@@ -1,17 +1,24 @@
-"""A search index of a paper collection, each paper embedded by its own domain's expert: building it (resumable,
-chunk by chunk), and querying it (through the expert of the query's domain, given or predicted).
+"""A search index of a paper collection, each paper embedded by its own domain's expert: built chunk by chunk by any
+number of processes (`accelerate launch search.py index`), resumable whatever the process count, and queried through
+the expert of the query's domain, given or predicted.
 
-A collection is a table with columns `id`, `text`, `domain` (csv/tsv/jsonl/parquet, the text formats also
-compressed; a `save_to_disk` folder; or a Hub dataset id). An index folder holds the vectors in chunks (an
-interrupted build resumes from the chunks already written), a FAISS index (inner product on unit vectors, i.e.
-cosine; IVF-PQ for collections whose vectors do not fit in memory: compressed codes in memory, the candidates they
-find re-scored exactly from the chunks on disk), the ids and domains in index order, a domain classifier for queries
-without a domain, and `manifest.json` (model and its fingerprint, dimension, domains, backend). Nothing in it is
-pickled.
+An index folder holds: `chunks/NNNNNN.npy` (the vectors of chunk N, unit length) and `chunks/NNNNNN.parquet` (its
+papers' id, domain and text; written last, it marks the chunk done), a FAISS index (inner product on unit vectors,
+i.e. cosine; IVF-PQ for collections whose vectors outgrow memory: compressed codes in memory, the candidates they find
+re-scored exactly from the chunks on disk), a domain classifier for queries without a domain, and `manifest.json`
+(model and its fingerprint, dimension, domains, backend, the collections indexed). Nothing in it is pickled.
+
+Chunk k of a collection is its rows k * chunk_size to (k + 1) * chunk_size, read in pieces (moebert.collections):
+every process reads the collection and encodes the chunks that fall to it, so a chunk is the same papers, encoded
+alike, whatever the number of processes, and a resumed build redoes only the chunks not yet written. One process then
+builds the FAISS index, the classifier (on a bounded sample) and the manifest. Several processes need a folder that
+every one of them sees (one disk, or a shared filesystem across machines); a layout where they do not is refused.
 """
 
 import json
+import socket
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +27,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from moebert.atomic import write_file, writing_file
-from moebert.cocitation import read_table
-from moebert.device import autocast, default_device
+from moebert.collections import CollectionError, iter_pieces
+from moebert.device import ProcessGroupError, autocast, check_process_group, default_device
 from moebert.domain_classifier import DomainClassifier, held_out_accuracy
 from moebert.encoders import normalise
 from moebert.encoding import EncodingOptions, encoder_of_model, load_encoder
@@ -31,76 +38,28 @@ from moebert.pair_datasets import SAMPLE_DIR
 
 DEFAULT_INDEX_DIR = Path("search_index")
 EMBEDDED_MODEL = "embedded"  # the embedded base upcycled, untrained, into the SYNERGY domains: the base, per domain
-MANIFEST, PAPERS, FAISS_FILE, CHUNKS = "manifest.json", "papers.jsonl", "index.faiss", "chunks"
+MANIFEST, FAISS_FILE, CHUNKS, FORMAT = "manifest.json", "index.faiss", "chunks", 2
+IVFPQ_ABOVE = 2_000_000  # papers: `--index_type auto` takes IVF-PQ above this (docs/search.md: memory and latency)
 
 
 @dataclass
 class IndexSettings:
-    """How `build_index` builds: the FAISS index type and its IVF-PQ parameters, and the papers per chunk."""
+    """How `build_index` builds: the FAISS index type (auto: flat up to IVFPQ_ABOVE papers, IVF-PQ above) and its
+    IVF-PQ parameters, the papers per chunk, and the sample the domain classifier is fitted on."""
 
-    index_type: str = "flat"  # or "ivfpq"
+    index_type: str = "auto"  # auto, flat or ivfpq
     nlist: int = 1024  # ivfpq: inverted lists
     pq_m: int = 48  # ivfpq: bytes per vector (divides the dimension)
-    train_size: int = 100_000  # ivfpq: vectors the quantizer is trained on
-    chunk_size: int = 1024  # papers per chunk written: the unit of resume
+    train_size: int = 100_000  # ivfpq: vectors the quantizer is trained on, drawn from every chunk
+    chunk_size: int = 1024  # papers per chunk written: the unit of resume and of the processes' shares
+    classifier_sample: int = 50_000  # papers the domain classifier is fitted on, drawn from every chunk
 
 
 class SearchError(ValueError):
     """Input that cannot be searched as given; the message names the problem and the fix."""
 
 
-# ------------------------------------------------------------------------------------------------ papers
-
-
-def read_papers(source: str | None) -> pd.DataFrame:
-    """The collection as a table `id, text, domain` (ids as strings, unique)."""
-    if source is None:
-        return shipped_papers()
-    path = Path(source)
-    if path.is_dir():
-        from datasets import load_from_disk
-
-        table = load_from_disk(str(path)).to_pandas()
-    elif path.exists():
-        try:
-            table = read_table(path)
-        except ValueError as error:
-            raise SearchError(str(error)) from None
-    else:
-        from datasets import load_dataset
-
-        try:
-            table = load_dataset(source, split="train").to_pandas()
-        except Exception as error:  # the hub client raises many kinds; all mean "not loadable"
-            raise SearchError(f"--papers {source!r} is no local file or folder and no loadable Hub dataset "
-                              f"({type(error).__name__}: {error}).") from None
-    missing = [c for c in ("id", "text", "domain") if c not in table.columns]
-    if missing:
-        raise SearchError(f"--papers {source}: the table lacks columns {missing} (it has {list(table.columns)}); "
-                          "a collection needs id, text and domain.")
-    table = table[["id", "text", "domain"]].astype(str)
-    empty = table["text"].str.strip() == ""
-    if empty.any():
-        print(f"{int(empty.sum())} papers without text left out", file=sys.stderr)
-        table = table[~empty]
-    duplicated = table["id"][table["id"].duplicated()]
-    if len(duplicated):
-        raise SearchError(f"--papers {source}: ids occur more than once, e.g. {duplicated.iloc[0]!r}; ids must be unique.")
-    return table.reset_index(drop=True)
-
-
-def shipped_papers() -> pd.DataFrame:
-    """Every paper of the embedded SYNERGY sample (all splits), once."""
-    rows = []
-    for folder in sorted(p for p in SAMPLE_DIR.iterdir() if p.is_dir()):
-        for split in sorted(folder.glob("*.parquet")):
-            pairs = pd.read_parquet(split)
-            for side in ("a", "b"):
-                rows.append(pd.DataFrame({"id": pairs[f"paper_{side}"], "text": pairs[side], "domain": folder.name}))
-    return pd.concat(rows).drop_duplicates("id").astype(str).sort_values("id").reset_index(drop=True)
-
-
-# ------------------------------------------------------------------------------------------------ model
+# ------------------------------------------------------------------------------------------------ model and vectors
 
 
 def index_encoder(spec: str | None, options: EncodingOptions):
@@ -146,49 +105,179 @@ def embed(encoder, texts: list[str], domains: list[str]) -> np.ndarray:
     return normalise(vectors)
 
 
-# ------------------------------------------------------------------------------------------------ index
+# ------------------------------------------------------------------------------------------------ building
 
 
 def build_index(papers_source: str | None, out: Path, model: str | None, options: EncodingOptions,
-                settings: IndexSettings, add: bool = False) -> dict:
-    """Embed the papers not yet in the index's chunks, then add every chunk not yet in the FAISS index; `add`: append
-    the papers to an existing index."""
-    out = Path(out)
-    papers = read_papers(papers_source)
-    encoder, model_name, fingerprint = index_encoder(model, options)
-    manifest = _manifest_for(out, model_name, fingerprint, encoder, options, settings.index_type, add)
-    done = _chunk_ids(out)
-    if add:
-        indexed = _indexed_papers(out)
-        papers = pd.concat([indexed, papers[~papers["id"].isin(set(indexed["id"]))]])
-    elif set(done) - set(papers["id"]):
-        raise SearchError(f"{out} already holds papers that are not in this collection: pass --add to append "
-                          "these papers, or another --output_dir.")
-    todo = papers[~papers["id"].isin(set(done))]
-    print(f"{len(papers)} papers, {len(papers) - len(todo)} already embedded, {len(todo)} to embed with {model_name}")
-    todo = todo.assign(length=todo["text"].str.len()).sort_values(["domain", "length"], kind="stable")
-    next_chunk = 1 + max((int(f.stem) for f in (out / CHUNKS).glob("[0-9]*.npy")), default=-1)  # skips .NNNNNN.npy
+                settings: IndexSettings, add: bool = False, processes=None, loaded=None, on_stage=None) -> dict | None:
+    """Embed the chunks of the collection not yet written (each process its share), then, on the main process, add
+    every chunk not yet in the FAISS index and fit the domain classifier; `add`: append the collection to an existing
+    index. `processes`: an accelerate PartialState (default: this run's). `loaded`: (encoder, model name,
+    fingerprint) of a model already loaded, instead of `model`. `on_stage(name)` is called as each stage ends (a
+    benchmark's clock). Returns the manifest (on the main process)."""
+    processes = processes or launched_processes()
+    out, on_stage = Path(out), on_stage or (lambda stage: None)
+    if processes.num_processes > 1 and options.runtime == "torch" and processes.device.type != "cpu":
+        options = EncodingOptions(**(vars(options) | {"device": str(processes.device)}))  # a GPU each
+    with processes.main_process_first():  # an ONNX export is made once, into the cache, then read by the others
+        encoder, model_name, fingerprint = loaded or index_encoder(model, options)
+    on_stage("model loaded")
+    manifest = _manifest_for(out, model_name, fingerprint, encoder, options, settings.index_type, add)  # checked by all
+    if processes.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        write_file(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # before the first chunk: resumable
+    processes.wait_for_everyone()
+    check_shared_folder(out, processes)
+    part = _collection_part(manifest, papers_source, add)
+    done = set(_chunk_numbers(out))  # read by every process before any writes: all agree on the shares
+    processes.wait_for_everyone()
+    skip = _indexed_ids(out, below=part["first"]) if add else set()
+    _embed_share(encoder, papers_source, out, part, done, skip, settings, options, processes)
+    processes.wait_for_everyone()  # every chunk is written
+    on_stage("chunks embedded and written")
+    if not processes.is_main_process:
+        return None
+    manifest["parts"][-1] |= {"complete": True}
+    return _finish(out, manifest, settings, on_stage)
+
+
+def launched_processes():
+    """This run's processes (accelerate's PartialState; CPU processes join by gloo under ACCELERATE_USE_CPU), checked
+    to form one group."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    processes = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    try:
+        check_process_group(processes.num_processes)
+    except ProcessGroupError as error:
+        raise SearchError(str(error)) from None
+    return processes
+
+
+def check_shared_folder(out: Path, processes):
+    """Several processes write one index: each must see the folder the others see. Refused in one line if not."""
+    if processes.num_processes == 1:
+        return
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    token = [uuid.uuid4().hex if processes.is_main_process else None]
+    broadcast_object_list(token)
+    marker = out / f".process-check-{token[0]}"
+    if processes.is_main_process:
+        write_file(marker, token[0])
+    processes.wait_for_everyone()
+    sees = marker.is_file() and marker.read_text() == token[0]
+    answers = gather_object([(processes.process_index, socket.gethostname(), sees)])
+    processes.wait_for_everyone()
+    if processes.is_main_process:
+        marker.unlink(missing_ok=True)
+    blind = [f"process {rank} on {host}" for rank, host, seen in answers if not seen]
+    if blind:
+        raise SearchError(f"{out} is not one folder for every process ({', '.join(blind)} does not see what process 0 "
+                          "wrote there): indexing with several processes or machines needs an --output_dir that "
+                          "every process sees (one disk, or a shared filesystem such as NFS).")
+
+
+def _collection_part(manifest: dict, source: str | None, add: bool) -> dict:
+    """The part of the index this collection fills: its first chunk number. A build resumes its one part; --add
+    resumes an unfinished part of the same collection or starts a new one after the last chunk."""
+    name = public_name(source) if source else "the shipped SYNERGY papers"
+    parts = manifest.setdefault("parts", [])
+    if parts and (not add or (parts[-1]["source"] == name and not parts[-1].get("complete"))):
+        return parts[-1]
+    first = max((p["first"] + p.get("chunks", 0) for p in parts), default=0)
+    parts.append({"source": name, "first": first})
+    return parts[-1]
+
+
+def _embed_share(encoder, source, out: Path, part: dict, done: set, skip: set, settings: IndexSettings,
+                 options: EncodingOptions, processes):
+    """Read the collection piece by piece; encode and write the chunks not done that fall to this process (the
+    undone chunks are dealt out in turn), and on the main process check that the chunks done are this collection's."""
+    rank, world, undone, written = processes.process_index, processes.num_processes, 0, 0
+    pieces = tqdm(desc=f"chunks (process {rank})" if world > 1 else "chunks", unit="chunk")
     with autocast(options.device, options.dtype):  # decided (and said) once, not per chunk
-        for start in tqdm(range(0, len(todo), settings.chunk_size), desc="chunks", unit="chunk"):
-            chunk = todo.iloc[start : start + settings.chunk_size]
-            vectors = embed(encoder, chunk["text"].tolist(), chunk["domain"].tolist())
-            _write_chunk(out / CHUNKS, next_chunk, vectors, chunk)
-            next_chunk += 1
-    manifest |= _write_faiss(out, manifest, settings)
-    texts = papers["text"].tolist()
-    classifier_domains = papers["domain"].tolist()
-    manifest["domain_accuracy_held_out"] = held_out_accuracy(texts, classifier_domains)
-    DomainClassifier.fit(texts, classifier_domains).save(out)
-    write_file(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    print(f"{manifest['papers']} papers in {out}/ ({manifest['index_type']}, dimension {manifest['dimension']}); "
-          f"domain classifier accuracy on held-out papers: {manifest['domain_accuracy_held_out']}")
-    return manifest
+        for k, piece in enumerate(_pieces(source, settings.chunk_size, skip)):
+            number = part["first"] + k
+            if number in done:  # every process checks, so that all of them stop on a foreign chunk
+                _check_done_chunk(out, number, piece, source)
+            elif undone % world == rank:
+                undone += 1
+                if len(piece):
+                    _write_chunk(out / CHUNKS, number, embed(encoder, piece["text"].tolist(), piece["domain"].tolist()),
+                                 piece)
+                    written += 1
+            else:
+                undone += 1
+            pieces.update(1)
+    pieces.close()
+    part["chunks"] = k + 1 if "k" in locals() else 0
+    print(f"process {rank} of {world}: encoded {written} chunks ({len(done)} were done before)", file=sys.stderr)
+
+
+def _pieces(source, size: int, skip: set):
+    """The collection's pieces without empty texts (counted) and without papers already indexed (`skip`)."""
+    try:
+        for piece in iter_pieces(source, size):
+            empty = piece["text"].str.strip() == ""
+            if empty.any():
+                print(f"{int(empty.sum())} papers without text left out", file=sys.stderr)
+            yield piece[~empty & ~piece["id"].isin(skip)]
+    except CollectionError as error:
+        raise SearchError(str(error)) from None
+
+
+def _check_done_chunk(out: Path, number: int, piece: pd.DataFrame, source):
+    import pyarrow.parquet as pq
+
+    stored = pq.read_table(_chunk_file(out, number, ".parquet"), columns=["id"]).column("id").to_pylist()
+    if stored != piece["id"].tolist():
+        raise SearchError(f"{out} already holds papers that are not in this collection ({source}, chunk {number}): "
+                          "pass --add to append these papers, or another --output_dir.")
+
+
+def _chunk_file(out: Path, number: int, suffix: str) -> Path:
+    return out / CHUNKS / f"{number:06d}{suffix}"
+
+
+def _chunk_numbers(out: Path) -> list[int]:
+    """The numbers of the finished chunks, in index order (a chunk without its papers table is unfinished)."""
+    return sorted(int(p.stem) for p in (out / CHUNKS).glob("[0-9]*.parquet"))
+
+
+def _write_chunk(folder: Path, number: int, vectors: np.ndarray, chunk: pd.DataFrame):
+    """Vectors first, then the papers table that marks the chunk as done: a chunk without it is redone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with writing_file(folder / f"{number:06d}.npy") as tmp, open(tmp, "wb") as f:
+        np.save(f, vectors, allow_pickle=False)
+    table = pa.table({c: chunk[c].tolist() for c in ("id", "domain", "text")})
+    with writing_file(folder / f"{number:06d}.parquet") as tmp:
+        pq.write_table(table, tmp)
+
+
+def _papers(out: Path, columns=("id", "domain"), numbers: list[int] | None = None) -> pd.DataFrame:
+    """Columns of the papers of the finished chunks, in index order; a query reads ids and domains only."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    numbers = _chunk_numbers(out) if numbers is None else numbers
+    tables = [pq.read_table(_chunk_file(out, n, ".parquet"), columns=list(columns)) for n in numbers]
+    return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=list(columns))
+
+
+def _indexed_ids(out: Path, below: int) -> set:
+    return set(_papers(out, ("id",), [n for n in _chunk_numbers(out) if n < below])["id"])
 
 
 def _manifest_for(out: Path, model_name: str, fingerprint: str, encoder, options: EncodingOptions, index_type: str,
                   add: bool) -> dict:
-    """The manifest of this index; an existing one must name the same model (and index type)."""
+    """The manifest of this index; an existing one must name the same model (and keeps its index type and parts)."""
     manifest = {
+        "format": FORMAT,
         # the manifest may be published: the model by a public name, and where it is relative to the index, if near
         "model": public_name(model_name), "model_path": nearby_path(model_name, out), "fingerprint": fingerprint,
         "dimension": encoder.config.hidden_size,
@@ -199,73 +288,92 @@ def _manifest_for(out: Path, model_name: str, fingerprint: str, encoder, options
     existing = json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).exists() else None
     if existing is None and add:
         raise SearchError(f"--add: {out} holds no index yet; build one first with `python search.py index`.")
+    if existing and existing.get("format") != FORMAT:
+        raise SearchError(f"{out} was built by an earlier search.py (another index layout): build it anew into another "
+                          "--output_dir.")
     if existing and existing["fingerprint"] != fingerprint:
         raise SearchError(f"{out} was built with the model {existing['model']} ({existing['fingerprint'][:19]}...), "
                           f"not {model_name}: pass --model {existing['model']} or another --output_dir.")
     if existing:
-        manifest |= {k: existing[k] for k in ("index_type", "indexed_chunks") if k in existing}
-    out.mkdir(parents=True, exist_ok=True)
-    write_file(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")  # before the first chunk: resumable
+        manifest |= {k: existing[k] for k in ("index_type", "indexed_chunks", "parts") if k in existing}
     return manifest
 
 
-def _finished_chunks(out: Path) -> list[Path]:
-    """The chunks' id files in index order; a chunk's vectors are the .npy beside it (one without ids is unfinished)."""
-    return sorted((out / CHUNKS).glob("*.json"))
+def _finish(out: Path, manifest: dict, settings: IndexSettings, on_stage) -> dict:
+    """Once every chunk is written: ids checked unique, the FAISS index, the domain classifier, the manifest."""
+    numbers = _chunk_numbers(out)
+    ids = _papers(out, ("id",), numbers)["id"]
+    if ids.duplicated().any():
+        raise SearchError(f"--papers: ids occur more than once, e.g. {ids[ids.duplicated()].iloc[0]!r}; ids must be "
+                          "unique (across the collections of an index, too).")
+    on_stage("ids checked unique")
+    manifest |= _write_faiss(out, manifest, numbers, settings)
+    on_stage(f"FAISS index ({manifest['index_type']}) trained, filled and written")
+    sample = _sample_papers(out, numbers, settings.classifier_sample)
+    texts, domains = sample["text"].tolist(), sample["domain"].tolist()
+    manifest["domain_accuracy_held_out"] = held_out_accuracy(texts, domains)
+    DomainClassifier.fit(texts, domains).save(out)
+    on_stage(f"domain classifier fitted on {len(texts)} papers")
+    write_file(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    print(f"{manifest['papers']} papers in {out}/ ({manifest['index_type']}, dimension {manifest['dimension']}); "
+          f"domain classifier accuracy on held-out papers: {manifest['domain_accuracy_held_out']}")
+    return manifest
 
 
-def _chunk_ids(out: Path) -> list[str]:
-    return [i for meta in _finished_chunks(out) for i in json.loads(meta.read_text())["id"]]
-
-
-def _indexed_papers(out: Path) -> pd.DataFrame:
-    return pd.read_json(out / PAPERS, lines=True, dtype=False).astype(str) if (out / PAPERS).exists() else pd.DataFrame(columns=["id", "text", "domain"])
-
-
-def _write_chunk(folder: Path, number: int, vectors: np.ndarray, chunk: pd.DataFrame):
-    """Vectors first, then the ids that mark the chunk as done: a chunk without its ids is redone."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with writing_file(folder / f"{number:06d}.npy") as tmp, open(tmp, "wb") as f:
-        np.save(f, vectors, allow_pickle=False)
-    meta = {"id": chunk["id"].tolist(), "domain": chunk["domain"].tolist(), "text": chunk["text"].tolist()}
-    write_file(folder / f"{number:06d}.json", json.dumps(meta))
-
-
-def _write_faiss(out: Path, manifest: dict, settings: IndexSettings) -> dict:
-    """Add the chunks not yet indexed to the FAISS index (a new one if there is none), then write it and the
-    papers table in index order."""
+def _write_faiss(out: Path, manifest: dict, numbers: list[int], settings: IndexSettings) -> dict:
+    """Add the chunks not yet indexed to the FAISS index (a new one if there is none), chunk by chunk."""
     import faiss
 
-    chunks = _finished_chunks(out)
     indexed = manifest.get("indexed_chunks", 0)
     index = faiss.read_index(str(out / FAISS_FILE)) if indexed and (out / FAISS_FILE).exists() else None
     if index is None:
         indexed = 0
-        index = _new_faiss_index(manifest, chunks, settings)
-    papers = [] if indexed == 0 else [json.loads(line) for line in open(out / PAPERS)]
-    for meta_file in chunks[indexed:]:
-        index.add(np.load(meta_file.with_suffix(".npy"), allow_pickle=False))
-        meta = json.loads(meta_file.read_text())
-        papers += [{"id": i, "domain": d, "text": t} for i, d, t in zip(meta["id"], meta["domain"], meta["text"])]
+        index = _new_faiss_index(out, manifest, numbers, settings)
+    for number in tqdm(numbers[indexed:], desc="adding to the index", unit="chunk", leave=False):
+        index.add(np.load(_chunk_file(out, number, ".npy"), allow_pickle=False))
     with writing_file(out / FAISS_FILE) as tmp:
         faiss.write_index(index, str(tmp))
-    write_file(out / PAPERS, "".join(json.dumps(p) + "\n" for p in papers))
-    return {"indexed_chunks": len(chunks), "papers": index.ntotal}
+    return {"indexed_chunks": len(numbers), "papers": index.ntotal}
 
 
-def _new_faiss_index(manifest: dict, chunks: list[Path], settings: IndexSettings):
-    """An empty index; IVF-PQ is trained first, on the vectors of the first chunks (up to --train_size)."""
+def _new_faiss_index(out: Path, manifest: dict, numbers: list[int], settings: IndexSettings):
+    """An empty index of the manifest's type (auto: by the collection's size, said in one line); IVF-PQ is trained
+    first, on up to --train_size vectors drawn from every chunk."""
     import faiss
 
+    vectors = [np.load(_chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False) for n in numbers]
+    total = sum(len(v) for v in vectors)
+    if manifest["index_type"] == "auto":
+        manifest["index_type"] = "ivfpq" if total > IVFPQ_ABOVE else "flat"
+        why = "above" if total > IVFPQ_ABOVE else "up to"
+        print(f"--index_type auto: {manifest['index_type']} for {total} papers ({why} {IVFPQ_ABOVE:,}: a flat index "
+              f"holds {total * manifest['dimension'] * 4 / 2**30:.2f} GiB of vectors in memory)")
     if manifest["index_type"] == "flat":
         return faiss.IndexFlatIP(manifest["dimension"])
-    sample, count = [], 0
-    for chunk in chunks:
-        if count >= settings.train_size:
-            break
-        sample.append(np.load(chunk.with_suffix(".npy"), allow_pickle=False))
-        count += len(sample[-1])
-    return ivfpq_index(np.concatenate(sample)[: settings.train_size], settings.nlist, settings.pq_m)
+    return ivfpq_index(_sample_rows(vectors, settings.train_size), settings.nlist, settings.pq_m)
+
+
+def _draw(counts: list[int], size: int, seed: int = 0) -> list[np.ndarray]:
+    """Per chunk, the rows of a uniform sample of `size` rows (all of them when there are fewer)."""
+    total = sum(counts)
+    chosen = np.sort(np.random.default_rng(seed).choice(total, min(size, total), replace=False))
+    starts = np.cumsum([0] + counts)
+    return [chosen[(chosen >= a) & (chosen < b)] - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def _sample_rows(vectors: list[np.ndarray], size: int) -> np.ndarray:
+    rows = _draw([len(v) for v in vectors], size)
+    return np.concatenate([np.asarray(v[r], dtype=np.float32) for v, r in zip(vectors, rows)])
+
+
+def _sample_papers(out: Path, numbers: list[int], size: int) -> pd.DataFrame:
+    """Texts and domains of a uniform sample of the papers (the domain classifier's data)."""
+    import pyarrow.parquet as pq
+
+    files = [_chunk_file(out, n, ".parquet") for n in numbers]
+    rows = _draw([pq.ParquetFile(f).metadata.num_rows for f in files], size)
+    parts = [pq.read_table(f, columns=["text", "domain"]).take(r).to_pandas() for f, r in zip(files, rows) if len(r)]
+    return pd.concat(parts, ignore_index=True)
 
 
 def ivfpq_index(training_vectors: np.ndarray, nlist: int, pq_m: int):
@@ -310,6 +418,9 @@ class PaperIndex:
         if not (folder / FAISS_FILE).exists():
             raise SearchError(f"{folder} holds no search index; build one with `python search.py index --output_dir {folder}`.")
         manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.get("format") != FORMAT:
+            raise SearchError(f"{folder} was built by an earlier search.py (another index layout): build it anew with "
+                              "`python search.py index`.")
         nearby = manifest.get("model_path") and folder / manifest["model_path"]
         options = query_options(options or EncodingOptions(device=default_device()), manifest)
         try:
@@ -328,8 +439,7 @@ class PaperIndex:
         if hasattr(faiss_index, "nprobe"):
             faiss_index.nprobe = nprobe
             stored = StoredVectors.open(folder, faiss_index.ntotal) if rerank else None
-        with open(folder / PAPERS) as lines:  # ids and domains only: the texts are not needed to answer
-            papers = pd.DataFrame([(p["id"], p["domain"]) for p in map(json.loads, lines)], columns=["id", "domain"])
+        papers = _papers(folder)  # ids and domains only: the texts are not needed to answer
         return cls(folder, encoder, manifest, papers, faiss_index, DomainClassifier.load(folder), stored, rerank,
                    options.dtype)
 
@@ -379,7 +489,7 @@ class StoredVectors:
     @classmethod
     def open(cls, folder: Path, count: int) -> "StoredVectors":
         """The chunks of the index in `folder`, which must hold the `count` vectors the FAISS index has."""
-        chunks = [np.load(c.with_suffix(".npy"), mmap_mode="r", allow_pickle=False) for c in _finished_chunks(folder)]
+        chunks = [np.load(_chunk_file(folder, n, ".npy"), mmap_mode="r", allow_pickle=False) for n in _chunk_numbers(folder)]
         stored = cls(chunks)
         if stored.starts[-1] < count:
             raise SearchError(f"{folder / CHUNKS} holds {stored.starts[-1]} vectors but the index {count}: the chunks "
@@ -401,13 +511,6 @@ class StoredVectors:
                 best = np.argsort(-exact, kind="stable")[:top_k]
                 scores[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
         return scores, rows
-
-
-def read_queries(path: str) -> list[str]:
-    """One query per line of a text file, or the `text` column of a table."""
-    if Path(path).suffix == ".txt":
-        return [line.strip() for line in open(path) if line.strip()]
-    return read_table(path)["text"].astype(str).tolist()
 
 
 def query_options(options: EncodingOptions, manifest: dict) -> EncodingOptions:

@@ -3,6 +3,8 @@ import signal
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -147,3 +149,29 @@ def torch_encoder(spec, max_seq_length: int, batch_size: int = 8, **options):
     """The encoder eval.py and search.py would use for `spec` on the CPU, torch fp32 unless `options` say otherwise."""
     return load_encoder(str(spec), EncodingOptions(max_seq_length=max_seq_length, batch_size=batch_size, device="cpu",
                                                    **options))
+
+
+HEART = ["heart", "cardiac", "ventricular", "infarction", "coronary", "arrhythmia", "myocardial", "atrial"]
+LUNG = ["lung", "airway", "pulmonary", "bronchial", "asthma", "inhaler", "spirometry", "emphysema"]
+
+
+def collection(n_per_domain: int, start: int = 0) -> pd.DataFrame:
+    """Papers whose words say their domain, each text different."""
+    rng = np.random.default_rng(start)
+    rows = []
+    for domain, words in (("CVD", HEART), ("COPD", LUNG)):
+        for i in range(start, start + n_per_domain):
+            text = " ".join(rng.choice(words, 6)) + f" study number {i} of {domain.lower()} patients"
+            rows.append({"id": f"{domain}-{i}", "text": text, "domain": domain})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def moe_folder(tiny_bert, tmp_path):
+    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
+    with torch.no_grad():  # two experts that really differ
+        for parameter in model.encoder.layer[1].experts[1].parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    model.save_pretrained(tmp_path / "moe")
+    tokenizer.save_pretrained(tmp_path / "moe")
+    return str(tmp_path / "moe")

@@ -41,7 +41,7 @@ def saved_moe(base, folder, domains=("CVD", "COPD"), seed=0, **kwargs):
 
 def real_abstracts(count=12):
     """SYNERGY abstracts of both lengths: most are cut at 256 tokens, some are shorter."""
-    from moebert.search_index import shipped_papers
+    from moebert.collections import shipped_papers
 
     return shipped_papers()["text"].head(count).tolist()
 

@@ -3,38 +3,15 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+
+from conftest import collection
 
 import search
 from modeling_moebert import MoEBertModel
 from moebert import search_index
+from moebert.collections import shipped_papers
 from moebert.domain_classifier import DomainClassifier, domain_vectorizer, held_out_accuracy
 from moebert.pair_datasets import SAMPLE_DIR
-
-HEART = ["heart", "cardiac", "ventricular", "infarction", "coronary", "arrhythmia", "myocardial", "atrial"]
-LUNG = ["lung", "airway", "pulmonary", "bronchial", "asthma", "inhaler", "spirometry", "emphysema"]
-
-
-def collection(n_per_domain: int, start: int = 0) -> pd.DataFrame:
-    """Papers whose words say their domain, each text different."""
-    rng = np.random.default_rng(start)
-    rows = []
-    for domain, words in (("CVD", HEART), ("COPD", LUNG)):
-        for i in range(start, start + n_per_domain):
-            text = " ".join(rng.choice(words, 6)) + f" study number {i} of {domain.lower()} patients"
-            rows.append({"id": f"{domain}-{i}", "text": text, "domain": domain})
-    return pd.DataFrame(rows)
-
-
-@pytest.fixture
-def moe_folder(tiny_bert, tmp_path):
-    model, tokenizer = MoEBertModel.from_bert(tiny_bert, domains=["CVD", "COPD"])
-    with torch.no_grad():  # two experts that really differ
-        for parameter in model.encoder.layer[1].experts[1].parameters():
-            parameter.add_(0.05 * torch.randn_like(parameter))
-    model.save_pretrained(tmp_path / "moe")
-    tokenizer.save_pretrained(tmp_path / "moe")
-    return str(tmp_path / "moe")
 
 
 def run_index(papers_file, model, out, *extra):
@@ -85,12 +62,11 @@ def test_an_interrupted_index_resumes_from_its_chunks(moe_folder, tmp_path, monk
     monkeypatch.setattr(search_index, "embed", embed_then_fail)
     with pytest.raises(KeyboardInterrupt):
         run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--chunk_size", "4")
-    assert len(list((tmp_path / "index" / "chunks").glob("*.json"))) == 2
+    assert len(list((tmp_path / "index" / "chunks").glob("*.parquet"))) == 2
     monkeypatch.setattr(search_index, "embed", lambda *a: (calls.append(len(a[1])), embed(*a))[1])
     manifest = run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--chunk_size", "4")
     assert calls[3:] == [4, 4, 4] and manifest["papers"] == 20  # 12 papers left, not 20
-    ids = [json.loads(line)["id"] for line in open(tmp_path / "index" / "papers.jsonl")]
-    assert sorted(ids) == sorted(collection(10)["id"])
+    assert search_index.PaperIndex.load(tmp_path / "index").papers["id"].tolist() == collection(10)["id"].tolist()
 
 
 def test_add_appends_papers_and_a_rerun_without_add_refuses_another_collection(moe_folder, tmp_path):
@@ -145,7 +121,7 @@ def test_the_domain_classifier_is_stored_without_pickle_and_predicts_held_out_pa
 def test_two_domain_probabilities_are_the_regressions_own():
     from sklearn.linear_model import LogisticRegression
 
-    papers = search_index.shipped_papers()
+    papers = shipped_papers()
     papers = papers[papers.domain.isin(["Oud_2018", "Chou_2004"])].iloc[::4]
     texts, domains = papers["text"].tolist(), papers["domain"].tolist()
     classifier = DomainClassifier.fit(texts[20:], domains[20:])
@@ -158,7 +134,7 @@ def test_two_domain_probabilities_are_the_regressions_own():
 
 
 def test_the_shipped_collection_is_every_synergy_paper_once():
-    papers = search_index.shipped_papers()
+    papers = shipped_papers()
     assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in SAMPLE_DIR.iterdir() if p.is_dir()}
     assert len(papers) > 1000 and (papers["text"].str.len() > 0).all()
 
