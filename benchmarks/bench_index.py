@@ -92,6 +92,7 @@ def main():
     parser.add_argument("--work", default=None, help="folder for the collection and the index (default: a temporary one)")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-index-"))
+    work.mkdir(parents=True, exist_ok=True)
     stages = Stages()
     stages.begin()
     domains = collection(args.papers, work / "papers.parquet")

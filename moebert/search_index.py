@@ -341,8 +341,8 @@ def _new_faiss_index(out: Path, manifest: dict, numbers: list[int], settings: In
     first, on up to --train_size vectors drawn from every chunk."""
     import faiss
 
-    vectors = [np.load(_chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False) for n in numbers]
-    total = sum(len(v) for v in vectors)
+    counts = [len(np.load(_chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False)) for n in numbers]
+    total = sum(counts)
     if manifest["index_type"] == "auto":
         manifest["index_type"] = "ivfpq" if total > IVFPQ_ABOVE else "flat"
         why = "above" if total > IVFPQ_ABOVE else "up to"
@@ -350,7 +350,7 @@ def _new_faiss_index(out: Path, manifest: dict, numbers: list[int], settings: In
               f"holds {total * manifest['dimension'] * 4 / 2**30:.2f} GiB of vectors in memory)")
     if manifest["index_type"] == "flat":
         return faiss.IndexFlatIP(manifest["dimension"])
-    return ivfpq_index(_sample_rows(vectors, settings.train_size), settings.nlist, settings.pq_m)
+    return ivfpq_index(_sample_rows(out, numbers, counts, settings.train_size), settings.nlist, settings.pq_m)
 
 
 def _draw(counts: list[int], size: int, seed: int = 0) -> list[np.ndarray]:
@@ -361,9 +361,11 @@ def _draw(counts: list[int], size: int, seed: int = 0) -> list[np.ndarray]:
     return [chosen[(chosen >= a) & (chosen < b)] - a for a, b in zip(starts[:-1], starts[1:])]
 
 
-def _sample_rows(vectors: list[np.ndarray], size: int) -> np.ndarray:
-    rows = _draw([len(v) for v in vectors], size)
-    return np.concatenate([np.asarray(v[r], dtype=np.float32) for v, r in zip(vectors, rows)])
+def _sample_rows(out: Path, numbers: list[int], counts: list[int], size: int) -> np.ndarray:
+    """The vectors of a uniform sample of rows, each chunk mapped only while its rows are read."""
+    rows = _draw(counts, size)
+    return np.concatenate([np.load(_chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False)[r].astype(np.float32)
+                           for n, r in zip(numbers, rows)])
 
 
 def _sample_papers(out: Path, numbers: list[int], size: int) -> pd.DataFrame:
