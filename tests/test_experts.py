@@ -132,6 +132,11 @@ def test_an_expert_trained_with_all_weights_is_refused_unless_allowed_and_the_ca
     card = (tmp_path / "allowed" / "README.md").read_text()
     assert "**The experts of CVD were trained on other shared weights than this model's**" in card
     assert json.loads((tmp_path / "allowed" / "config.json").read_text())["expert_sources"]["CVD"]["shared_weights"] == "other"
+    def domain_token_row(folder):  # trained with all weights, so the publisher's row is not the upcycled [CLS] copy
+        loaded = MoEBertModel.from_pretrained(folder)
+        return loaded.get_input_embeddings().weight[loaded.config.domain_token_ids[loaded.config.domain_index("CVD")]]
+    assert not torch.equal(domain_token_row(all_weights), model.get_input_embeddings().weight[model.config.domain_token_ids[0]])
+    assert torch.equal(domain_token_row(tmp_path / "allowed"), domain_token_row(all_weights))
     other_base = tmp_path / "other-base"  # another base, the same layout
     bert = MoEBertModel.from_bert(tiny_bert, domains=["CVD"], moe_layers="top2")[0]
     with torch.no_grad():
