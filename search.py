@@ -26,7 +26,7 @@ from pathlib import Path
 from moebert.cocitation import read_table
 from moebert.encoding import EncodingOptions, add_encoding_arguments
 from moebert.names import DEFAULT_OUTPUT_DIR
-from moebert.onnx_export import ExportError
+from moebert.export_format import ExportError
 from moebert.search_index import DEFAULT_INDEX_DIR, IVFPQ_ABOVE, IndexSettings, PaperIndex, SearchError, build_index
 
 

@@ -1,20 +1,24 @@
 """Texts per second of every way to embed a collection on this CPU, side by side in one run.
 
-    python -m benchmarks.bench_encode [--texts 2000] [--max_seq_length 256] [--batch_size 32]
-                                      [--model PATH] [--st_onnx_python .venv-st-onnx/bin/python]
+    python -m benchmarks.bench_encode [--texts 2000] [--max_seq_length 256] [--batch_size 32] [--model PATH]
+                                      [--st_onnx_python .venv-st-onnx/bin/python]
+                                      [--st_openvino_python .venv-st-ov/bin/python]
 
 Every row embeds the same SYNERGY abstracts (the first N shipped papers by id) at the same length, in a fresh
 process of its own (so each reports its own peak memory), after a warm-up on 64 texts:
 
 - sentence-transformers `encode` of the base (all-MiniLM-L6-v2), fp32: the reference;
 - sentence-transformers' own ONNX backend on the base, int8 weights (`export_dynamic_quantized_onnx_model`,
-  the config for this CPU): the alternative a user would pick. It needs `optimum-onnx`, which requires
-  transformers < 4.58, so it runs in its own environment (benchmarks/requirements-st-onnx.txt) given by
-  `--st_onnx_python`; without it the row is skipped;
+  the config for this CPU), and its OpenVINO backend, fp32 and int8 (`export_static_quantized_openvino_model`,
+  NNCF's static quantization, calibrated on 300 SYNERGY abstracts that are not benchmarked, since its default
+  calibration set is on the Hub): the alternatives a user would pick. They need `optimum-onnx` and
+  `optimum-intel`, which require older transformers, so they run in environments of their own
+  (benchmarks/requirements-st-onnx.txt, -st-openvino.txt) given by `--st_onnx_python` and `--st_openvino_python`;
+  without them their rows are skipped;
 - ours (`moebert.search_index.embed`: each text through its domain's expert; `--model`, default the embedded base
   upcycled into the SYNERGY domains) on torch fp32, torch under bf16 autocast (where bf16 is native), ONNX Runtime
-  fp32 and ONNX Runtime int8 (moebert.onnx_export; exported in a process of its own before, the export time printed
-  apart).
+  fp32 and int8, and OpenVINO fp32 and int8 (moebert.exports; exported in a process of its own before, the export
+  time printed apart).
 
 Prints texts/s, the ratio to the reference, the lowest cosine of each vector to its fp32 twin (ours: torch fp32;
 sentence-transformers' ONNX: its own fp32) and the process's peak memory. The rows that use no bf16 are what a CPU
@@ -41,30 +45,74 @@ ROWS = {
     "torch-bf16": "ours, torch bf16 autocast",
     "onnx-fp32": "ours, ONNX Runtime fp32",
     "onnx-int8": "ours, ONNX Runtime int8",
+    "st-openvino-fp32": "sentence-transformers OpenVINO, fp32",
+    "st-openvino-int8": "sentence-transformers OpenVINO, int8",
+    "openvino-fp32": "ours, OpenVINO fp32",
+    "openvino-int8": "ours, OpenVINO int8",
 }
-TWIN = {"st-onnx-int8": "st-fp32", "torch-bf16": "torch-fp32", "onnx-fp32": "torch-fp32", "onnx-int8": "torch-fp32"}
+TWIN = {"st-onnx-int8": "st-fp32", "st-openvino-fp32": "st-fp32", "st-openvino-int8": "st-fp32",
+        "torch-bf16": "torch-fp32", "onnx-fp32": "torch-fp32", "onnx-int8": "torch-fp32",
+        "openvino-fp32": "torch-fp32", "openvino-int8": "torch-fp32"}
+EXPORTED = ("onnx", "openvino")  # our rows that export the model first
+OWN_PYTHON = {"st-onnx-int8": "st_onnx_python", "st-openvino-fp32": "st_openvino_python",
+              "st-openvino-int8": "st_openvino_python"}  # rows that run in an environment of their own
 
 
 # ------------------------------------------------------------------------------------------------ one row, in a child
 
 
-def sentence_transformer(args, backend: str):
+def sentence_transformer(args, row: str):
     from sentence_transformers import SentenceTransformer
 
-    if backend == "torch":
+    if row == "st-fp32":
         return SentenceTransformer(args.base, device="cpu")
-    from sentence_transformers import export_dynamic_quantized_onnx_model
+    if row == "st-onnx-int8":
+        return st_onnx_int8(args)
+    if row == "st-openvino-fp32":
+        return SentenceTransformer(args.base, backend="openvino", device="cpu")
+    return st_openvino_int8(args)
 
-    copy = Path(args.work) / "st-onnx-base"  # exported beside a copy: the base's own folder stays untouched
+
+def st_copy(args, name: str) -> Path:
+    """A copy of the base to export beside: the base's own folder stays untouched."""
+    import shutil
+
+    copy = Path(args.work) / name
     if not copy.exists():
-        import shutil
-
         shutil.copytree(args.base, copy)
+    return copy
+
+
+def st_onnx_int8(args):
+    from sentence_transformers import SentenceTransformer, export_dynamic_quantized_onnx_model
+
+    copy = st_copy(args, "st-onnx-base")
+    if not list((copy / "onnx").glob("model_qint8_*.onnx")):
         SentenceTransformer(str(copy), backend="onnx", device="cpu").save_pretrained(str(copy))  # writes onnx/model.onnx
         model = SentenceTransformer(str(copy), backend="onnx", device="cpu")
         export_dynamic_quantized_onnx_model(model, "avx512_vnni" if avx512_vnni() else "avx2", str(copy))
     quantized = next(p.name for p in (copy / "onnx").glob("model_qint8_*.onnx"))
     return SentenceTransformer(str(copy), backend="onnx", device="cpu", model_kwargs={"file_name": f"onnx/{quantized}"})
+
+
+def st_openvino_int8(args):
+    """As sentence-transformers' docs quantize: `export_static_quantized_openvino_model` with its default
+    configuration, the calibration texts given as a local dataset (jsonl with a `sentence` field)."""
+    from sentence_transformers import SentenceTransformer, export_static_quantized_openvino_model
+
+    copy = st_copy(args, "st-openvino-base")
+    quantized = "openvino/openvino_model_qint8_quantized.xml"
+    if not (copy / quantized).exists():
+        model = SentenceTransformer(str(copy), backend="openvino", device="cpu")
+        model.save_pretrained(str(copy))  # writes openvino/openvino_model.xml
+        calibration = Path(args.work) / "st-calibration"
+        calibration.mkdir(exist_ok=True)
+        texts = json.loads(Path(args.texts_file).read_text())["calibration"]
+        (calibration / "train.jsonl").write_text("".join(json.dumps({"sentence": t}) + "\n" for t in texts))
+        export_static_quantized_openvino_model(model, None, str(copy), dataset_name=str(calibration),
+                                               dataset_config_name="default", dataset_split="train",
+                                               column_name="sentence")
+    return SentenceTransformer(str(copy), backend="openvino", device="cpu", model_kwargs={"file_name": quantized})
 
 
 def avx512_vnni() -> bool:
@@ -73,22 +121,22 @@ def avx512_vnni() -> bool:
 
 def our_embed(args, row: str):
     """(embed function of texts and domains, the seconds spent loading and exporting before it, the batch size).
-    ONNX exports land in a cache inside the run's work folder: the first call exports, later ones reuse."""
+    Exports land in a cache inside the run's work folder: the first call exports, later ones reuse."""
     os.environ["MOEBERT_CACHE"] = str(Path(args.work) / "cache")
     import torch
 
     from moebert.encoding import EncodingOptions
-    from moebert.onnx_export import cached_onnx_encoder
+    from moebert.exports import cached_export_encoder
     from moebert.search_index import EMBEDDED_MODEL, embed, index_encoder
 
     started = time.perf_counter()
     backend, precision = row.split("-")
     options = EncodingOptions("torch", "fp32", args.batch_size, args.max_seq_length, "cpu")
     encoder, _, fingerprint = index_encoder(args.model or EMBEDDED_MODEL, options)
-    if backend == "onnx":  # the model's cached export, with int8 weights or in fp32
+    if backend in EXPORTED:  # the model's cached export, int8 or fp32
         model = encoder.model
-        encoder = cached_onnx_encoder(fingerprint, lambda: (model, encoder.tokenizer), args.max_seq_length,
-                                      args.batch_size or 8, "none" if precision == "fp32" else "int8")
+        encoder = cached_export_encoder(fingerprint, lambda: (model, encoder.tokenizer), args.max_seq_length,
+                                        args.batch_size or 8, backend, "none" if precision == "fp32" else "int8")
     setup = time.perf_counter() - started
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -106,7 +154,7 @@ def run_row(args):
         print(json.dumps({"setup": our_embed(args, args.row)[1]}))
         return
     if args.row.startswith("st-"):
-        model = sentence_transformer(args, "torch" if args.row == "st-fp32" else "onnx")
+        model = sentence_transformer(args, args.row)
         model.max_seq_length = args.max_seq_length
         setup, batch_size = 0.0, args.batch_size or 32  # sentence-transformers' default
 
@@ -131,10 +179,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--texts", type=int, default=2000)
     parser.add_argument("--max_seq_length", type=int, default=256)
-    parser.add_argument("--batch_size", type=int, default=None, help="default: each row's own (32; ONNX Runtime 8)")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: each row's own (32; ours exported 8)")
     parser.add_argument("--model", default=None, help="a MoE-BERT (default: the embedded base upcycled)")
     parser.add_argument("--st_onnx_python", default=None, help="python of an environment with "
                         "benchmarks/requirements-st-onnx.txt installed, for sentence-transformers' ONNX row")
+    parser.add_argument("--st_openvino_python", default=None, help="python of an environment with "
+                        "benchmarks/requirements-st-openvino.txt installed, for sentence-transformers' OpenVINO rows")
     parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
     parser.add_argument("--row", help=argparse.SUPPRESS)  # a child process: run this row
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # a child process: export only
@@ -151,26 +201,29 @@ def main():
     from moebert.names import default_base_model
     from moebert.collections import shipped_papers
 
-    papers = shipped_papers().head(args.texts)
+    shipped = shipped_papers()
+    papers, calibration = shipped.head(args.texts), shipped.iloc[args.texts : args.texts + 300]
     bf16 = bf16_is_native("cpu")
     print(f"{len(papers)} SYNERGY abstracts, {args.max_seq_length} tokens at most, "
           f"{torch.get_num_threads()} threads; bf16 native on this CPU: {bf16}; AVX512-VNNI: {avx512_vnni()}")
     rows = [r for r in args.rows.split(",") if r in ROWS and (r != "torch-bf16" or bf16)]
-    if "st-onnx-int8" in rows and not args.st_onnx_python:
-        print("skipping sentence-transformers ONNX: give --st_onnx_python (see benchmarks/requirements-st-onnx.txt)")
-        rows.remove("st-onnx-int8")
+    for row, flag in OWN_PYTHON.items():
+        if row in rows and not getattr(args, flag):
+            print(f"skipping {ROWS[row]}: give --{flag} (see its requirements file in benchmarks/)")
+            rows.remove(row)
     results = {}
     with tempfile.TemporaryDirectory() as work:
         texts_file = Path(work) / "texts.json"
-        texts_file.write_text(json.dumps({"texts": papers["text"].tolist(), "domains": papers["domain"].tolist()}))
+        texts_file.write_text(json.dumps({"texts": papers["text"].tolist(), "domains": papers["domain"].tolist(),
+                                          "calibration": calibration["text"].tolist()}))
         for row in rows:
-            python = args.st_onnx_python if row == "st-onnx-int8" else sys.executable
+            python = getattr(args, OWN_PYTHON[row]) if row in OWN_PYTHON else sys.executable
             command = [python, "-m", "benchmarks.bench_encode", "--row", row, "--work", work, "--texts_file", str(texts_file),
                        "--base", default_base_model(), "--max_seq_length", str(args.max_seq_length),
                        ] + (["--batch_size", str(args.batch_size)] if args.batch_size else []) + (
                        ["--model", args.model] if args.model else [])
             print(f"running {ROWS[row]} ...", flush=True)
-            prepared = child(command + ["--prepare"]) if row.startswith("onnx") else {}
+            prepared = child(command + ["--prepare"]) if row.startswith(EXPORTED) else {}
             results[row] = child(command)
             if results[row] is None:
                 del results[row]
@@ -195,7 +248,7 @@ def print_table(results: dict, count: int):
         ratio = f"{reference / result['seconds']:9.2f}x" if reference else f"{'':>10}"
         twin = results.get(TWIN.get(row))
         cosine = f"{(result['vectors'] * twin['vectors']).sum(axis=1).min():21.5f}" if twin else f"{'':>21}"
-        export = f"{result['setup']:9.1f}" if row.startswith("onnx") else ""
+        export = f"{result['setup']:9.1f}" if row.startswith(EXPORTED) else ""
         print(f"{ROWS[row]:36} {count / result['seconds']:8.1f} {ratio} {cosine} {result['peak_mib']:9.0f} {result['batch_size']:6} {export}")
 
 

@@ -2,14 +2,14 @@
 
     python -m moebert compose --base sentence-transformers/all-MiniLM-L6-v2 --expert org/a:CVD --expert org/b:ONC \
                               --output_dir outputs/composed [--push_to_hub --hub_model_id ORG/NAME]
-    python -m moebert export --model outputs/moebert --output_dir outputs/moebert-onnx [--quantize int8|none]
-                             [--domains Chou_2004,Oud_2018]
+    python -m moebert export --model outputs/moebert --output_dir outputs/moebert-ov [--runtime openvino|onnx]
+                             [--quantize int8|none] [--domains Chou_2004,Oud_2018]
 
 compose: one model from domain experts published separately (each `experts/DOMAIN.safetensors` of a Hub repo, or
 a local expert file), on a base that is upcycled, or a MoE-BERT; each expert must have been trained on the base's
 shared weights (the experts-only recipe), so that every domain computes what its publisher's model computed.
-export: each domain's expert as an ONNX graph (int8 weights by default) with the tokenizer and the model's
-config, for `eval.py` and `search.py` (`--model DIR`, or `--backend onnx` with the model itself).
+export: each domain's expert as a graph for OpenVINO or ONNX Runtime (int8 by default) with the tokenizer and the
+model's config, for `eval.py` and `search.py` (`--model DIR`, or `--backend openvino|onnx` with the model itself).
 """
 
 import argparse
@@ -22,17 +22,19 @@ from moebert.composition import compose, save_composed
 from moebert.hub import HubPusher
 from moebert.loading import load_moebert, model_fingerprint
 from moebert.names import public_name
-from moebert.onnx_export import QUANTIZE_CHOICES, check_moebert, export
+from moebert.exports import QUANTIZE_CHOICES, RUNTIMES, check_moebert, export, training_data_of
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m moebert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    command = commands.add_parser("export", help="export each domain's expert to ONNX")
+    command = commands.add_parser("export", help="export each domain's expert to OpenVINO or ONNX Runtime")
     command.add_argument("--model", required=True, help="a MoE-BERT folder or Hub id")
     command.add_argument("--output_dir", required=True)
-    command.add_argument("--quantize", default="int8", choices=QUANTIZE_CHOICES, help="int8 weights (default) or fp32")
+    command.add_argument("--runtime", default="onnx", choices=list(RUNTIMES), help="openvino: int8 weights and "
+                         "activations (NNCF, calibrated on the model's training texts); onnx: int8 weights (default)")
+    command.add_argument("--quantize", default="int8", choices=QUANTIZE_CHOICES, help="int8 (default) or fp32")
     command.add_argument("--domains", default=None, help="comma-separated domains to export (default: all)")
     command = commands.add_parser("compose", help="one model from domain experts published separately")
     command.add_argument("--base", required=True, help="the BERT the experts were upcycled from (Hub id or folder), or "
@@ -62,10 +64,11 @@ def export_command(args):
         model, tokenizer = load_moebert(args.model)
         domains = [d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None
         folder = export(model, tokenizer, model_fingerprint(args.model), args.output_dir, args.quantize, domains,
-                        source=public_name(args.model))
+                        source=public_name(args.model), runtime=args.runtime, training_data=training_data_of(args.model))
     except (OSError, ValueError) as error:
         raise SystemExit(f"error: {str(error).splitlines()[0]}") from None
-    print(f"exported {len(domains or model.config.domains)} domain(s) of {args.model} to {folder} ({args.quantize})")
+    count = len(domains or model.config.domains)
+    print(f"exported {count} domain(s) of {args.model} to {folder} ({args.runtime}, {args.quantize})")
     return folder
 
 

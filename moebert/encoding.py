@@ -1,9 +1,9 @@
 """How eval.py and search.py encode: the options they share, defined once with one set of defaults, and the one
 function that turns a model name into an encoder.
 
-Defaults: torch in fp32 (the reference numbers; `--precision auto` takes bf16 where the device computes it natively,
-`--backend onnx` int8 ONNX Runtime graphs, 2.5x faster on a CPU: docs/speed.md), the backend's batch size, and the
-length the model was trained at (its config's `max_seq_length`).
+Defaults: torch in fp32 (the reference numbers; `--precision auto` takes bf16 where the device computes it natively;
+`--backend openvino` and `--backend onnx` run int8 graphs exported once, the fastest on a CPU: docs/speed.md), the
+backend's batch size, and the length the model was trained at (its config's `max_seq_length`).
 """
 
 import argparse
@@ -15,10 +15,12 @@ from configuration_moebert import MoEBertConfig
 from moebert.device import default_device
 from moebert.encoders import Encoder, SentenceTransformerEncoder, TfidfEncoder, TransformerEncoder
 from moebert.loading import is_moebert, load_transformer, max_seq_length_of
-from moebert.onnx_export import cached_onnx_encoder, is_export, load_onnx_encoder
+from moebert.exports import cached_export_encoder, is_export, load_export_encoder
 
-BACKENDS = ("torch", "onnx")
-BATCH_SIZES = {"torch": 32, "onnx": 8}  # texts per forward pass; ONNX Runtime gains from less padding (docs/speed.md)
+BACKENDS = ("torch", "onnx", "openvino")
+EXPORTED = ("onnx", "openvino")  # the backends that run a model's export
+# texts per forward pass; the exported runtimes gain from less padding (docs/speed.md)
+BATCH_SIZES = {"torch": 32, "onnx": 8, "openvino": 8}
 PRECISIONS = ("fp32", "bf16", "auto")
 
 
@@ -51,8 +53,9 @@ class EncodingOptions:
 
 def add_encoding_arguments(parser: argparse.ArgumentParser, default: str = ""):
     """The shared flags; `default` says what None means where it is not torch/fp32/the model's (a search query)."""
-    parser.add_argument("--backend", default=None, choices=BACKENDS, help="onnx: MoE-BERT models run on ONNX Runtime "
-                        "with int8 weights, exported once on first use (an export folder always runs so); default: "
+    parser.add_argument("--backend", default=None, choices=BACKENDS, help="openvino, onnx: MoE-BERT models run int8 on "
+                        "OpenVINO or ONNX Runtime, exported once on first use (an export folder runs on its own "
+                        "runtime); default: "
                         + (default or "torch"))
     parser.add_argument("--precision", default=None, choices=PRECISIONS, help="torch: bf16 autocast for bf16, and for "
                         "auto where the device computes bf16 natively; default: " + (default or "fp32, the reference "
@@ -65,15 +68,16 @@ def add_encoding_arguments(parser: argparse.ArgumentParser, default: str = ""):
 
 
 def load_encoder(spec: str, options: EncodingOptions, trust_remote_code: bool = False) -> Encoder:
-    """`tfidf`; an ONNX export of a MoE-BERT, or with `backend="onnx"` a MoE-BERT itself (ONNX Runtime); a MoE-BERT;
-    a sentence-transformers model (has modules.json); else any encoder, mean-pooled."""
+    """`tfidf`; an export of a MoE-BERT, or with an exported backend a MoE-BERT itself; a MoE-BERT; a
+    sentence-transformers model (has modules.json); else any encoder, mean-pooled."""
     from transformers.utils import cached_file
 
     if spec == "tfidf":
         return TfidfEncoder()
-    if is_export(spec) or (options.runtime == "onnx" and is_moebert(spec)):
+    if is_export(spec) or (options.runtime in EXPORTED and is_moebert(spec)):
+        runtime = options.runtime if options.runtime in EXPORTED else "onnx"
         length = options.max_seq_length or max_seq_length_of(spec, MoEBertConfig.from_pretrained(spec))
-        return load_onnx_encoder(spec, length, options.batch_size_for("onnx"))
+        return load_export_encoder(spec, length, options.batch_size_for(runtime), runtime)
     if not is_moebert(spec) and cached_file(spec, "modules.json", _raise_exceptions_for_missing_entries=False):
         length = options.max_seq_length or max_seq_length_of(spec, PretrainedConfig.from_pretrained(spec))
         return SentenceTransformerEncoder(spec, length, options.batch_size_for("torch"), options.device,
@@ -87,7 +91,7 @@ def encoder_of_model(model, tokenizer, fingerprint: str, options: EncodingOption
     """The encoder of a MoE-BERT built in memory (search's embedded model), on the options' backend; an ONNX export
     of it is cached by `fingerprint`."""
     length = options.max_seq_length or model.config.max_seq_length
-    if options.runtime == "onnx":
-        return cached_onnx_encoder(fingerprint, lambda: (model, tokenizer), length, options.batch_size_for("onnx"),
-                                   source=source)
+    if options.runtime in EXPORTED:
+        return cached_export_encoder(fingerprint, lambda: (model, tokenizer), length,
+                                     options.batch_size_for(options.runtime), options.runtime, source=source)
     return TransformerEncoder(model.to(options.device).eval(), tokenizer, length, options.batch_size_for("torch"))

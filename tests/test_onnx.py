@@ -9,10 +9,12 @@ import torch
 import eval as eval_script
 from conftest import DOMAINS, TEXTS, torch_encoder
 from modeling_moebert import MoEBertModel
-from moebert import onnx_export
+from moebert import exports
 from moebert.__main__ import main as moebert_command
 from moebert.loading import load_moebert, model_fingerprint
-from moebert.onnx_export import ExportError, OnnxEncoder, load_onnx_encoder
+from moebert.export_format import ExportError
+from moebert.exports import load_export_encoder
+from moebert.onnx_export import OnnxEncoder
 
 
 @pytest.fixture(autouse=True)
@@ -80,32 +82,32 @@ def test_int8_weights_keep_the_vectors_direction(minilm, tmp_path):
 
 def test_a_model_is_exported_once_into_the_cache_keyed_by_its_weights(tiny_bert, tmp_path, monkeypatch, onnx_cache):
     folder = saved_moe(tiny_bert, tmp_path / "moe", domains=DOMAINS)
-    first = load_onnx_encoder(folder, 64, 4)
+    first = load_export_encoder(folder, 64, 4)
     assert first.folder.parent == onnx_cache / "onnx" and first.fingerprint == model_fingerprint(folder)
     vectors = first.encode(TEXTS, "SKIN")
-    monkeypatch.setattr(onnx_export, "export", lambda *a, **k: pytest.fail("exported again"))
-    again = load_onnx_encoder(folder, 64, 4)
+    monkeypatch.setattr(exports, "export", lambda *a, **k: pytest.fail("exported again"))
+    again = load_export_encoder(folder, 64, 4)
     assert again.folder == first.folder and np.array_equal(again.encode(TEXTS, "SKIN"), vectors)
 
 
 def test_a_domain_added_after_the_export_gets_a_new_export_and_the_old_one_refuses_it(tiny_bert, tmp_path):
     folder = saved_moe(tiny_bert, tmp_path / "moe")
-    old = load_onnx_encoder(folder, 64, 4)
+    old = load_export_encoder(folder, 64, 4)
     model, tokenizer = load_moebert(folder)
     model.add_domain("SKIN", tokenizer, init_from="CVD")
     trained_like(model, seed=2).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    new = load_onnx_encoder(folder, 64, 4)
+    new = load_export_encoder(folder, 64, 4)
     assert new.folder != old.folder
     assert cosines(new.encode(TEXTS, "SKIN"), torch_vectors(folder, TEXTS, "SKIN", 64)).min() > 0.98
-    with pytest.raises(ExportError, match=r"^domain 'SKIN' is not in the ONNX export .*added to the model later; export again"):
+    with pytest.raises(ExportError, match=r"^domain 'SKIN' is not in the export .*added to the model later; export again"):
         OnnxEncoder(old.folder, 64, 4).encode(TEXTS, "SKIN")
 
 
 def test_a_missing_graph_or_a_graph_of_another_model_is_refused_in_one_line(tiny_bert, tmp_path):
     first = moebert_command(["export", "--model", saved_moe(tiny_bert, tmp_path / "a"), "--output_dir",
                                str(tmp_path / "export-a"), "--domains", "CVD", "--quantize", "none"])
-    with pytest.raises(ExportError, match=r"^domain 'COPD' is not in the ONNX export .*it has \['CVD'\]"):
+    with pytest.raises(ExportError, match=r"^domain 'COPD' is not in the export .*it has \['CVD'\]"):
         OnnxEncoder(first, 64, 4).encode(TEXTS, "COPD")
     other = moebert_command(["export", "--model", saved_moe(tiny_bert, tmp_path / "b", seed=1), "--output_dir",
                                str(tmp_path / "export-b"), "--quantize", "none"])
@@ -119,11 +121,11 @@ def test_a_missing_graph_or_a_graph_of_another_model_is_refused_in_one_line(tiny
 
 
 def test_what_is_no_moebert_or_no_export_is_refused(tiny_bert, tmp_path):
-    with pytest.raises(ExportError, match="is no MoE-BERT and no ONNX export of one"):
-        load_onnx_encoder(tiny_bert, 64, 4)
+    with pytest.raises(ExportError, match="is no MoE-BERT and no export of one"):
+        load_export_encoder(tiny_bert, 64, 4)
     with pytest.raises(SystemExit, match="is no MoE-BERT"):
         moebert_command(["export", "--model", tiny_bert, "--output_dir", str(tmp_path / "x")])
-    with pytest.raises(ExportError, match="is no ONNX export of a MoE-BERT"):
+    with pytest.raises(ExportError, match="is no export of a MoE-BERT"):
         OnnxEncoder(tmp_path, 64, 4)
     assert not (tmp_path / "x").exists()
 
@@ -133,7 +135,7 @@ def test_the_calibrated_probability_is_the_models_own(tiny_bert, tmp_path):
     model = MoEBertModel.from_pretrained(folder)
     model.config.calibration = {"method": "platt", "fitted_on": "valid", "parameters": {"CVD": [6.0, -4.0]}}
     model.save_pretrained(folder)
-    encoder = load_onnx_encoder(folder, 64, 4)
+    encoder = load_export_encoder(folder, 64, 4)
     assert encoder.cocitation_probability(0.7, "CVD") == pytest.approx(float(model.cocitation_probability(0.7, "CVD")))
     with pytest.raises(ValueError, match="no calibration for domain 'COPD'"):
         encoder.cocitation_probability(0.7, "COPD")
@@ -170,7 +172,7 @@ def test_eval_scores_an_export_beside_its_model_and_refuses_a_domain_it_lacks(ti
     assert via_flag["onnx"]["all"]["roc_auc"] == pytest.approx(results["torch"]["all"]["roc_auc"], abs=1e-6)
     partial = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "cvd"), "--domains", "CVD"])
     skipped = eval_script.main(["--model", f"onnx={partial}", "--output_dir", str(tmp_path / "e3"), *common])
-    assert skipped["onnx"]["COPD"]["error"].startswith("domain 'COPD' is not in the ONNX export")
+    assert skipped["onnx"]["COPD"]["error"].startswith("domain 'COPD' is not in the export")
     assert skipped["onnx"]["CVD"]["roc_auc"] == pytest.approx(results["torch"]["CVD"]["roc_auc"], abs=0.05)
 
 
@@ -178,8 +180,8 @@ def test_two_models_of_the_same_weights_with_other_domains_get_their_own_exports
     first = saved_moe(tiny_bert, tmp_path / "a", domains=("Chou_2004", "Oud_2018"))
     second = saved_moe(tiny_bert, tmp_path / "b", domains=("Nelson_2002", "Oud_2018"))
     assert model_fingerprint(first) == model_fingerprint(second)  # upcycled alike: the same weight files
-    load_onnx_encoder(first, 64, 4).encode(TEXTS, "Chou_2004")
-    encoder = load_onnx_encoder(second, 64, 4)
+    load_export_encoder(first, 64, 4).encode(TEXTS, "Chou_2004")
+    encoder = load_export_encoder(second, 64, 4)
     assert encoder.config.domains == ["Nelson_2002", "Oud_2018"]
     np.testing.assert_allclose(encoder.encode(TEXTS, "Nelson_2002"), torch_vectors(second, TEXTS, "Nelson_2002", 64),
                                atol=0.05)
@@ -190,11 +192,11 @@ def test_a_recalibrated_model_gives_its_new_probabilities_through_its_cached_exp
     model = MoEBertModel.from_pretrained(folder)
     model.config.calibration = {"method": "platt", "fitted_on": "valid", "parameters": {"CVD": [6.0, -4.0]}}
     model.save_pretrained(folder)
-    assert load_onnx_encoder(folder, 64, 4).cocitation_probability(0.7, "CVD") == pytest.approx(0.5498, abs=1e-4)
+    assert load_export_encoder(folder, 64, 4).cocitation_probability(0.7, "CVD") == pytest.approx(0.5498, abs=1e-4)
     eval_script.main(["calibrate", "--model", folder, "--dataset", f"CVD={tiny_data / 'CVD'}", "--dataset",
                       f"COPD={tiny_data / 'COPD'}", "--max_seq_length", "64", "--device", "cpu"])
     recalibrated = MoEBertModel.from_pretrained(folder)
-    encoder = load_onnx_encoder(folder, 64, 4)
+    encoder = load_export_encoder(folder, 64, 4)
     for domain in ("CVD", "COPD"):
         assert encoder.cocitation_probability(0.7, domain) == pytest.approx(
             float(recalibrated.cocitation_probability(0.7, domain)), abs=1e-6)
