@@ -10,7 +10,8 @@ from conftest import TEXTS
 
 import eval as eval_script
 from moebert import evaluation
-from moebert.calibration import calibration_metrics, fit_platt, platt, reliability_curve
+from moebert.calibration import (calibration_metrics, calibration_report, describe, fit_calibration, fit_platt, platt,
+                                 reliability_curve)
 from modeling_moebert import MoEBertModel
 
 
@@ -186,3 +187,44 @@ def test_search_prints_the_probability_beside_the_cosine(calibrated_moe, tmp_pat
             assert f"{hit['score']:.4f}  P(co-cited) {hit['probability']:.2f}  {hit['id']}" in printed
         else:  # calibrated on pairs of one domain: no probability across domains
             assert hit["probability"] is None
+
+
+# raw cosines read as probabilities fall outside [0, 1]: clipped; 1.0 belongs to the top bin
+CLIPPED_CASE = ([-0.2, 1.3, 0.95, 0.85], [0, 0, 1, 1])  # as [0, 1, 0.95, 0.85]: bins 0, 9, 9, 8
+
+
+def test_calibration_metrics_clip_and_bin_by_hand():
+    result = calibration_metrics(*CLIPPED_CASE)
+    # bin 9: mean 0.975 against 1/2 observed, half the pairs; bin 8: 0.85 against 1, a quarter; bin 0: no gap
+    assert result["ece"] == pytest.approx(0.475 * 0.5 + 0.15 * 0.25)
+    assert result["brier"] == pytest.approx((1 + 0.05 ** 2 + 0.15 ** 2) / 4)
+    predicted, observed, pairs = reliability_curve(*CLIPPED_CASE)
+    assert predicted == pytest.approx([0.0, 0.85, 0.975])
+    assert observed.tolist() == [0.0, 1.0, 0.5] and pairs.tolist() == [1, 1, 2]
+
+
+def test_platt_is_the_unregularised_maximum_likelihood_fit():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 15)
+    scores = rng.normal(0.4 * labels, 0.3)
+    a, b = fit_platt(scores, labels)
+    residual = labels - platt(scores, a, b)  # the log-likelihood's gradient vanishes only without a penalty
+    assert abs(residual.sum()) < 1e-2 and abs((residual * scores).sum()) < 1e-2  # with scikit-learn's default penalty: 2.0
+
+
+def test_fit_calibration_skips_a_one_class_domain_and_fits_the_others():
+    labels = np.repeat([0, 1], 20)
+    scored = {"ONE": {"valid": (np.linspace(0, 1, 4), np.ones(4, dtype=int))},
+              "CVD": {"valid": (np.linspace(0, 1, 40), labels)}}
+    calibration = fit_calibration(scored, fitted_by="test")
+    assert set(calibration) == {"method", "fitted_on", "fitted_by", "parameters"}
+    assert (calibration["method"], calibration["fitted_on"], calibration["fitted_by"]) == ("platt", "valid", "test")
+    assert list(calibration["parameters"]) == ["CVD"]
+    report = calibration_report({"CVD": {"test": (np.linspace(0, 1, 40), labels)}}, "test", calibration)
+    assert report["parameters"] == calibration["parameters"] and report["method"] == "platt"
+    assert set(report["raw"]["per_domain"]) == set(report["calibrated"]["per_domain"]) == {"CVD"}
+
+
+def test_describe_says_where_the_probability_is_one_half():
+    assert describe(0.5, -0.25) == "P(co-cited) = sigmoid(0.500 * cosine -0.250); 0.5 at cosine 0.500"
+    assert describe(0.0, 0.3).endswith("; its valid cosines do not rank co-cited pairs higher")

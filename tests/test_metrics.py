@@ -5,13 +5,16 @@ from sklearn.metrics import roc_auc_score
 
 from moebert.metrics import (
     OneClassError,
+    _stratified_draw,
     at_threshold,
     best_accuracy,
     f1_max,
     f1_max_value,
     honest_metrics,
+    metric_summary,
     pair_metrics,
     paired_bootstrap,
+    ranking_metrics,
     roc_auc,
 )
 
@@ -63,13 +66,34 @@ def test_exact_search_equals_brute_force(seed):
 
 
 def test_one_class_is_refused_with_a_message():
-    with pytest.raises(OneClassError, match="all 3 pairs have label 1"):
+    with pytest.raises(OneClassError, match=r"all 3 pairs have label 1: threshold metrics need both co-cited \(1\) and "
+                                            r"random \(0\) pairs\.$"):
         f1_max([0.1, 0.5, 0.9], [1, 1, 1])
     with pytest.raises(OneClassError):
         pair_metrics([0.1, 0.5], [0, 0])
+    with pytest.raises(OneClassError, match="all 0 pairs have label -"):
+        f1_max([], [])
+
+
+def test_malformed_pairs_are_refused_with_what_is_wrong():
+    with pytest.raises(ValueError, match=r"scores \(3,\) and labels \(2,\) must be two 1-d arrays of one length"):
+        f1_max([0.1, 0.5, 0.9], [1, 0])
+    with pytest.raises(ValueError, match=r"labels must be 0 or 1, found \[0, 2\]"):
+        f1_max([0.1, 0.5], [0, 2])
+
+
+def test_f1_max_below_one_half():
+    # three random pairs above the first co-cited one: the best cut calls four pairs (precision 1/4, recall 1/2)
+    labels = [0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 1]
+    scores = np.linspace(1.0, 0.0, len(labels))
+    assert f1_max(scores, labels)["f1_max"] == pytest.approx(1 / 3)
 
 
 def test_pair_metrics_by_hand():
+    unequal = pair_metrics([0.9, 0.7, 0.2, 0.1], [1, 1, 0, 0])
+    assert (unequal["mean_cosine_positive"], unequal["mean_cosine_negative"]) == pytest.approx((0.8, 0.15))
+    assert set(unequal) >= {"accuracy_max", "accuracy_max_threshold", "f1_max_threshold"}
+    assert pair_metrics([0.9, 0.5, 0.2, -0.2], [1, 1, 0, 0])["cosine_ratio"] == float("inf")  # negatives average 0
     result = pair_metrics([0.9, 0.6, 0.3], [1, 0, 1])
     assert result["roc_auc"] == pytest.approx(0.5)  # positives 0.9 and 0.3 against the negative 0.6
     assert result["mean_cosine_positive"] == pytest.approx(0.6)
@@ -138,3 +162,74 @@ def test_bootstrap_is_paired_the_same_pairs_for_both_models():
     gains = paired_bootstrap({"shifted": shifted, "reference": reference}, "reference", resamples=200)
     for metric in ("roc_auc", "f1_max"):
         assert gains["shifted"]["mean"][metric] == pytest.approx({"gain": 0.0, "low": 0.0, "high": 0.0}, abs=1e-12)
+
+
+def test_at_threshold_by_hand_and_when_nothing_is_called_co_cited():
+    scores, labels = [0.9, 0.8, 0.7, 0.2], [1, 0, 1, 0]
+    # >= 0.75: 0.9 and 0.8 called, tp 1: precision 1/2, recall 1/2, F1 1/2, accuracy 2/4
+    assert at_threshold(scores, labels, 0.75) == pytest.approx(
+        {"f1": 0.5, "precision": 0.5, "recall": 0.5, "accuracy": 0.5})
+    # above every score nothing is called: precision, recall and F1 are 0, accuracy the share of random pairs
+    assert at_threshold(scores, labels, 0.95) == {"f1": 0.0, "precision": 0.0, "recall": 0.0, "accuracy": 0.5}
+
+
+def test_f1_max_value_counts_the_cut_below_every_score():
+    # the best F1 calls every pair co-cited: tp 1 of 2 called, recall 1, F1 2/3
+    assert f1_max_value([0.9, 0.1], [0, 1]) == pytest.approx(2 / 3)
+
+
+def test_stratified_draws_keep_each_domains_label_counts_and_reach_every_pair():
+    labels = {"CVD": np.array([0, 0, 0, 0, 0, 1, 1]), "COPD": np.array([1, 0, 1, 1])}
+    rng = np.random.default_rng(0)
+    seen = {d: set() for d in labels}
+    for _ in range(200):
+        draw = _stratified_draw(labels, rng)
+        for domain, y in labels.items():
+            assert np.bincount(y[draw[domain]], minlength=2).tolist() == np.bincount(y).tolist()
+            seen[domain] |= set(draw[domain].tolist())
+    assert seen == {d: set(range(len(y))) for d, y in labels.items()}
+
+
+def test_bootstrap_gives_the_95_percent_interval_of_the_paired_differences_and_repeats_itself():
+    one = two_domains(lambda y, rng: rng.normal(1.0 * y, 1.0), seed=5)
+    other = two_domains(lambda y, rng: rng.normal(0.8 * y, 1.0), seed=6)
+    gains = paired_bootstrap({"one": one, "other": other}, "other", resamples=400, seed=3)
+    labels = {d: y for d, (_, y) in one.items()}
+    rng = np.random.default_rng(3)
+    differences = []
+    for _ in range(400):
+        draw = _stratified_draw(labels, rng)
+        differences.append(np.mean([roc_auc(one[d][0][draw[d]], y[draw[d]]) - roc_auc(other[d][0][draw[d]], y[draw[d]])
+                                    for d, y in labels.items()]))
+    low, high = np.percentile(differences, [2.5, 97.5])
+    assert gains["one"]["mean"]["roc_auc"]["low"] == pytest.approx(low, abs=1e-12)
+    assert gains["one"]["mean"]["roc_auc"]["high"] == pytest.approx(high, abs=1e-12)
+    assert paired_bootstrap({"one": one, "other": other}, "other", resamples=400, seed=3) == gains
+
+
+def test_ranking_metrics_by_hand():
+    similarity = np.array([
+        [1.0, 0.9, 0.8, 0.1],  # query 0: ranks 1, 2, 3 (itself left out); partner 2 at rank 2
+        [0.9, 1.0, 0.2, 0.7],  # query 1: ranks 0, 3, 2; partners 2 and 3 at ranks 3 and 2
+        [0.8, 0.2, 1.0, 0.3],
+        [0.1, 0.7, 0.3, 1.0],
+    ])
+    result = ranking_metrics(similarity, {0: {2}, 1: {2, 3}}, recall_ks=(1, 2))
+    assert result["mrr"] == pytest.approx((1 / 2 + 1 / 2) / 2)
+    assert result["recall_at_1"] == 0.0
+    assert result["recall_at_2"] == pytest.approx((1 + 1 / 2) / 2)
+    ndcg_0 = (1 / np.log2(3)) / 1
+    ndcg_1 = (1 / np.log2(3) + 1 / np.log2(4)) / (1 + 1 / np.log2(3))
+    assert result["ndcg_at_10"] == pytest.approx((ndcg_0 + ndcg_1) / 2)
+    assert ranking_metrics(similarity, {0: {0}})["mrr"] == 0.0  # no partner but itself: nothing to find
+    many = np.tile(np.linspace(1.0, 0.0, 14), (14, 1))  # query 0's twelve partners ranked first
+    assert ranking_metrics(many, {0: set(range(1, 13))})["ndcg_at_10"] == pytest.approx(1.0)
+    hidden = similarity.copy()
+    hidden[0, 1] = -np.inf  # a candidate the query must not see drops to the end
+    assert ranking_metrics(hidden, {0: {2}})["mrr"] == 1.0
+
+
+def test_metric_summary_names_the_mean_and_the_pooled_headline_metrics():
+    results = {"mean": {"f1_max": 0.8, "roc_auc": 0.85, "mrr": 0.5}, "all": {"roc_auc": 0.77}, "CVD": {"roc_auc": 0.9}}
+    assert metric_summary(results) == {"f1_max": 0.8, "roc_auc": 0.85, "pooled_roc_auc": 0.77}
+    assert metric_summary({"mean": {"roc_auc": 0.85}}) == {"roc_auc": 0.85}  # no pooled results
