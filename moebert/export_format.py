@@ -73,9 +73,12 @@ def write_plain_graph(model, tokenizer, domain: str, path: Path):
         )
 
 
+STAMP_KEYS = ("moebert.fingerprint", "moebert.domain", "moebert.quantize")
+
+
 def stamp(fingerprint: str, domain: str, quantize: str) -> dict:
     """The metadata every graph carries, checked when it is opened."""
-    return {"moebert.fingerprint": fingerprint, "moebert.domain": domain, "moebert.quantize": quantize}
+    return dict(zip(STAMP_KEYS, (fingerprint, domain, quantize)))
 
 
 def graph_file_name(index: int, domain: str, suffix: str) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moebert.export_format import ExportedEncoder, Runtime, write_plain_graph
+from moebert.export_format import STAMP_KEYS, ExportedEncoder, Runtime, write_plain_graph
 from moebert.pair_datasets import DatasetError, load_domain_dataset, sample_specs
 
 CALIBRATION_TEXTS = 300  # NNCF's default subset size
@@ -73,11 +73,17 @@ def calibration_texts(domain: str, training_data: str | None) -> tuple[list[str]
         except DatasetError as error:
             print(f"calibrating {domain} on {SHIPPED_SAMPLE}: its training data cannot be loaded here "
                   f"({str(error).splitlines()[0][:160]})", file=sys.stderr)
+    return _sample(shipped_training_texts()), SHIPPED_SAMPLE
+
+
+@functools.cache
+def shipped_training_texts() -> tuple[str, ...]:
+    """The shipped sample's training texts, read once for every domain that falls back on them."""
     texts = []
     for source in sample_specs().values():
         train = load_domain_dataset(source, splits=("train",))["train"]
         texts += [*train["a"], *train["b"]]
-    return _sample(texts), SHIPPED_SAMPLE
+    return tuple(texts)
 
 
 def _sample(texts: list[str]) -> list[str]:
@@ -98,8 +104,7 @@ class OpenVinoEncoder(ExportedEncoder):
     def open_graph(self, path: Path):
         core = openvino_core()
         graph = core.read_model(str(path))
-        metadata = {key: graph.get_rt_info(key.split(".")).astype(str) for key in
-                    ("moebert.fingerprint", "moebert.domain", "moebert.quantize")
+        metadata = {key: graph.get_rt_info(key.split(".")).astype(str) for key in STAMP_KEYS
                     if graph.has_rt_info(key.split("."))}
         settings = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": torch.get_num_threads()}
         if self.manifest["quantize"] == "none":
