@@ -272,7 +272,7 @@ def start(args, accelerator: Accelerator, workspace: Workspace, run: Run) -> tup
     if path is not None:
         with refused(CheckpointError):
             state = resumed_state(path, accelerator.unwrap_model(run.model))
-        accelerator.load_state(str(path))
+            accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path} at step {state.step}, learning rate {run.scheduler.get_last_lr()[0]:.6e}")
         state.args, state.recipe = public_args, args.recipe_record
         return state.step, state

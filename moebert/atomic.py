@@ -59,13 +59,10 @@ def recover_folder(final: Path) -> bool:
     return True
 
 
-def write_file(path: Path, content: str | bytes):
-    """Write a whole file under a temporary name beside it, then rename it over `path`."""
+def write_file(path: Path, text: str):
+    """Write a whole text file under a temporary name beside it, then rename it over `path`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(content, str):
-        tmp.write_text(content)
-    else:
-        tmp.write_bytes(content)
+    tmp.write_text(text)
     os.replace(tmp, path)
 
 

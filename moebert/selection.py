@@ -4,6 +4,8 @@ the shared weights frozen, each domain's best expert. Both travel with checkpoin
 
 import math
 
+from moebert.workspace import CheckpointError
+
 
 class BestModel:
     """Which evaluation scored best on the pooled valid metric, and how many evaluations passed since."""
@@ -28,6 +30,7 @@ class BestModel:
         return {"metric": self.metric, "value": self.value, "step": self.step, "stale": self.stale}
 
     def load_state_dict(self, state: dict):
+        check_same_metric(state["metric"], self.metric)
         self.value, self.step, self.stale = state["value"], state["step"], state["stale"]
 
 
@@ -62,4 +65,13 @@ class BestExperts:
         return {"metric": self.metric, "best": self.best, "experts": self.experts}
 
     def load_state_dict(self, state: dict):
+        check_same_metric(state["metric"], self.metric)
         self.best, self.experts = state["best"], state["experts"]
+
+
+def check_same_metric(checkpoint: str, run: str):
+    """A resumed run goes on comparing scores of the metric it started with, or stops: scores of two metrics do not
+    compare."""
+    if checkpoint != run:
+        raise CheckpointError(f"the checkpoint kept its best model by valid {checkpoint}, this run by {run}: resume "
+                              f"with --metric_for_best_model {checkpoint}, or start a new run")

@@ -1,4 +1,6 @@
+import atexit
 import os
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -11,7 +13,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]  # on the path by pyproject.toml's pytest settings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("MOEBERT_CACHE", tempfile.mkdtemp(prefix="moebert-cache-"))  # ONNX exports stay out of ~/.cache
+if "MOEBERT_CACHE" not in os.environ:  # exports stay out of ~/.cache, and go with the run
+    os.environ["MOEBERT_CACHE"] = tempfile.mkdtemp(prefix="moebert-cache-")
+    atexit.register(shutil.rmtree, os.environ["MOEBERT_CACHE"], ignore_errors=True)
 
 from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
 

@@ -51,12 +51,15 @@ def test_probabilities_are_the_domains_own_map_and_refused_where_there_is_none(c
     cosines = torch.tensor([0.2, 0.5, 0.9])
     torch.testing.assert_close(model.cocitation_probability(cosines, "CVD"), torch.sigmoid(8 * cosines - 4))
     torch.testing.assert_close(model.cocitation_probability(cosines, "COPD"), torch.sigmoid(5 * cosines - 2))
-    with pytest.raises(ValueError, match="its expert changed after the calibration was fitted"):
+    with pytest.raises(ValueError, match=r"^no calibration for domain 'SKIN': its expert changed after the calibration was "
+                                         r"fitted; fit one with `python eval.py calibrate --model PATH`\.$"):
         model.cocitation_probability(cosines, "SKIN")  # a domain the calibration does not cover
     with pytest.raises(ValueError, match="unknown domain 'ONC'"):
         model.cocitation_probability(cosines, "ONC")
     uncalibrated = MoEBertModel.from_bert(tiny_bert, domains=["CVD"])[0]
-    with pytest.raises(ValueError, match="was not calibrated, its similarities are cosines, not probabilities"):
+    with pytest.raises(ValueError, match=r"^no calibration for domain 'CVD': this model was not calibrated, its "
+                                         r"similarities are cosines, not probabilities; fit one with `python eval.py "
+                                         r"calibrate --model PATH`\.$"):
         uncalibrated.cocitation_probability(cosines, "CVD")
 
 

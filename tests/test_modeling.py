@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,34 +23,58 @@ def test_config_resolves_moe_layers():
     assert MoEBertConfig(num_hidden_layers=6, moe_layers="upper").moe_layers == [3, 4, 5]
     assert MoEBertConfig(num_hidden_layers=12, moe_layers="upper").moe_layers == list(range(6, 12))
     assert MoEBertConfig(num_hidden_layers=6, moe_layers="top2").moe_layers == [4, 5]
-    with pytest.raises(ValueError, match="moe_layers is empty"):
-        MoEBertConfig(num_hidden_layers=6, moe_layers="top0")
+    assert MoEBertConfig(num_hidden_layers=6, moe_layers="top8").moe_layers == list(range(6))  # more than there are
     assert MoEBertConfig(num_hidden_layers=12, moe_layers="11,0,5").moe_layers == [0, 5, 11]
     assert MoEBertConfig(num_hidden_layers=12, moe_layers=[3]).moe_layers == [3]
+    assert MoEBertConfig().domains == ["general"]  # a config made without domains (as transformers does) has one
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"domains": ["A", "B"], "num_experts": 3}, "num_experts=3 does not fit 2 domains"),
-        ({"domains": ["A", "B", "A"]}, "duplicate domains \\['A'\\]"),
-        ({"domains": []}, "domains is empty"),
-        ({"num_hidden_layers": 4, "moe_layers": [1, 4]}, "moe_layers \\[4\\] out of range"),
-        ({"moe_layers": "first"}, "moe_layers='first' is not understood"),
-        ({"routing_mode": "learned"}, "routing_mode='learned'"),
-        ({"pooling": "max"}, "pooling='max'"),
-        ({"domains": ["A", "B"], "domain_tokens": ["[A]"]}, "1 domain_tokens for 2 domains"),
+        ({"domains": ["A", "B"], "num_experts": 3}, "num_experts=3 does not fit 2 domains ['A', 'B']: use one expert "
+         "per domain (num_experts=2) or a single shared expert (num_experts=1)."),
+        ({"domains": ["A", "B", "A"]}, "duplicate domains ['A']: each domain must be named once."),
+        ({"domains": []}, "domains is empty: give at least one domain name, e.g. domains=['CVD', 'COPD']."),
+        ({"num_hidden_layers": 4, "moe_layers": [1, 4]}, "moe_layers [4] out of range: this model has 4 layers (valid "
+         "indices 0..3)."),
+        ({"num_hidden_layers": 6, "moe_layers": "top0"}, "moe_layers is empty: name at least one layer, or use 'all' "
+         "or 'middle'."),
+        ({"moe_layers": "first"}, "moe_layers='first' is not understood: use 'all', 'upper', 'top2', 'middle' or layer "
+         "indices such as '0,5,11'."),
+        ({"routing_mode": "learned"}, "routing_mode='learned': choose one of ('sentence', 'token')."),
+        ({"pooling": "max"}, "pooling='max': choose one of ('mean', 'cls')."),
+        ({"domains": ["A", "B"], "domain_tokens": ["[A]"]}, "1 domain_tokens for 2 domains: give one token per domain."),
+        ({"domains": ["A", "B"], "domain_token_ids": [5]}, "1 domain_token_ids for 2 domains: one id per domain."),
+        ({"domains": ["A"], "calibration": {"parameters": {"B": [1.0, 0.0]}}}, "calibration for unknown domains ['B']: "
+         "this model knows ['A']."),
+        ({"domains": ["A"], "expert_sources": {"B": "org/model"}}, "expert_sources for unknown domains ['B']: this "
+         "model knows ['A']."),
     ],
 )
 def test_invalid_config_raises(kwargs, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         MoEBertConfig(**kwargs)
+
+
+def test_a_shared_expert_serves_every_domain():
+    assert [MoEBertConfig(domains=["A", "B", "C"], num_experts=1).expert_of_domain(i) for i in range(3)] == [0, 0, 0]
+    assert [MoEBertConfig(domains=["A", "B", "C"]).expert_of_domain(i) for i in range(3)] == [0, 1, 2]
+
+
+def test_texts_and_their_domains_must_pair_up():
+    config = MoEBertConfig(domains=["A", "B"])
+    assert config.prepend_domain_token(["x", "y"], ["B", "A"]) == ["[B] x", "[A] y"]
+    with pytest.raises(ValueError):
+        config.prepend_domain_token(["x", "y"], ["B"])
 
 
 def test_config_round_trips_through_dict():
     config = MoEBertConfig(domains=["A", "B"], moe_layers="middle", routing_mode="token", num_hidden_layers=4)
     again = MoEBertConfig.from_dict(config.to_dict())
     assert (again.domains, again.moe_layers, again.routing_mode, again.num_experts) == (["A", "B"], [2], "token", 2)
+    sourced = MoEBertConfig(domains=["A"], expert_sources={"A": {"repo": "org/model"}})
+    assert MoEBertConfig.from_dict(sourced.to_dict()).expert_sources == {"A": {"repo": "org/model"}}
 
 
 # ------------------------------------------------------------------------------------------------ upcycling

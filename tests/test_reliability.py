@@ -17,10 +17,11 @@ from conftest import COUNTED_TRAIN, DOMAINS, counted_steps, torch_encoder, works
 from test_train import run_train
 
 import train
+from configuration_moebert import MoEBertConfig
 from modeling_moebert import MoEBertModel
-from moebert.atomic import recover_folder
+from moebert.atomic import recover_folder, replace_folder
 from moebert.training_state import TrainingState
-from moebert.workspace import Workspace, save_model
+from moebert.workspace import CheckpointError, Workspace, check_fits, save_model
 
 # ------------------------------------------------------------------------------------------------ whole-folder saves
 
@@ -90,6 +91,62 @@ def test_a_save_cut_at_any_point_leaves_the_old_model_or_the_new_one(tiny_bert, 
     assert finished and outcomes[-1] == "new" and "old" in outcomes and outcomes.count("new") > 1, outcomes
 
 
+def test_a_folder_swap_finishes_or_clears_what_a_kill_left_beside_the_folder(tmp_path):
+    final, moved_aside = tmp_path / "out", tmp_path / ".old-out"
+
+    def folder(path, text):
+        path.mkdir()
+        (path / "weights").write_text(text)
+        return path
+
+    def left():
+        return sorted(p.name for p in tmp_path.iterdir())
+
+    folder(final, "a")
+    assert recover_folder(final) is False and recover_folder(tmp_path / "never-written") is False  # nothing to finish
+    folder(moved_aside, "stale")  # killed after the second rename, before the copy moved aside was deleted
+    replace_folder(folder(tmp_path / "new", "b"), final)
+    assert (final / "weights").read_text() == "b" and left() == ["out"]
+    os.replace(final, moved_aside)  # moved aside, and the new folder lost: the old one goes back
+    assert recover_folder(final) is True and (final / "weights").read_text() == "b" and left() == ["out"]
+
+
+def test_the_workspace_holds_every_folder_a_run_keeps_beside_the_model(tmp_path):
+    config = MoEBertConfig(domains=["A", "B"])
+    beside = Workspace(tmp_path / "out")
+    assert (beside.output_dir, beside.root) == (tmp_path / "out", tmp_path / "out-workspace")
+    assert [p.relative_to(beside.root).as_posix() for p in (beside.best_model_dir, beside.stem_states_dir,
+            beside.staging_dir, beside.logs_dir, beside.checkpoint_dir(7))] == [
+        "best_model", "stem-states", "hub-uploads", "logs", "checkpoint-7"]  # the layout docs/training.md shows
+    chosen = Workspace(tmp_path / "out", workspace_dir=tmp_path / "w", stem_states_dir=tmp_path / "shared-stems")
+    assert (chosen.root, chosen.best_model_dir, chosen.stem_states_dir) == (
+        tmp_path / "w", tmp_path / "w" / "best_model", tmp_path / "shared-stems")
+
+    assert beside.checkpoints() == [] and beside.resume_path("latest") is None
+    for step in (9, 10, 2):
+        beside.checkpoint_dir(step).mkdir(parents=True)
+    (beside.root / "checkpoint-11").write_text("a file")  # neither a stray file nor another name is a checkpoint
+    (beside.root / "checkpoint-final").mkdir()
+    (beside.root / ".tmp-checkpoint-12").mkdir()  # one being written
+    assert [p.name for p in beside.checkpoints()] == ["checkpoint-2", "checkpoint-9", "checkpoint-10"]
+    assert beside.resume_path("latest") == beside.checkpoint_dir(10)
+    assert beside.resume_path(str(tmp_path / "elsewhere")) == tmp_path / "elsewhere"
+    with pytest.raises(CheckpointError, match=r"another model \(domains: checkpoint \['A'\], this run \['A', 'B'\]; "
+                                              r"num_experts: checkpoint 1, this run 2\)"):
+        check_fits(beside.checkpoint_dir(2), {**config.to_dict(), "domains": ["A"], "num_experts": 1}, config)
+
+
+def test_a_checkpoint_holds_only_what_this_run_wrote_and_the_oldest_go_past_the_limit(tiny_bert, tiny_data, tmp_path):
+    out = tmp_path / "out"
+    stale = workspace_of(out) / ".tmp-checkpoint-3" / "left-by-a-killed-write"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("")
+    run_train(tiny_bert, tiny_data, out, "--max_train_steps", "3", "--checkpointing_steps", "1",
+              "--checkpoints_total_limit", "2")
+    assert [p.name for p in Workspace(out).checkpoints()] == ["checkpoint-2", "checkpoint-3"]
+    assert not [p for p in workspace_of(out).rglob("left-by-a-killed-write")]
+
+
 class SimulatedKill(BaseException):
     """Stops the save where it is, like a kill: no `except Exception` on the way catches it."""
 
@@ -115,6 +172,7 @@ def test_a_save_leaves_exactly_the_new_models_files(tiny_bert, tmp_path):
         return sorted(str(p.relative_to(where)) for p in where.rglob("*") if p.is_file())
 
     assert files(folder) == files(reference)
+    assert {"config.json", "model.safetensors", "README.md", "training_state.json"} <= set(files(folder))
     assert not (folder / "experts").exists()
 
 
@@ -362,6 +420,8 @@ def test_public_names_of_local_folders(tmp_path, monkeypatch):
     cache = tmp_path.parent / "hub" / "models--allenai--scibert_scivocab_uncased" / "snapshots" / "abc123"
     assert public_name(default_base_model()) == DEFAULT_BASE_MODEL_ID
     assert public_name(str(cache)) == "allenai/scibert_scivocab_uncased"
+    dataset = tmp_path.parent / "hub" / "datasets--org--cvd-pairs" / "snapshots" / "abc123" / "CVD"
+    assert public_name(str(dataset)) == "org/cvd-pairs"  # a dataset snapshot by its repo id
     assert public_name(str(tmp_path / "data" / "CVD")) == "data/CVD"  # under the working directory: relative
     assert public_name(str(tmp_path.parent / "elsewhere" / "bert")) == "bert"
     assert public_name("bert-base-uncased") == "bert-base-uncased" and public_name("data/CVD") == "data/CVD"
@@ -398,7 +458,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_to_resu
         torch.testing.assert_close(tensor, straight[key], atol=1e-5, rtol=1e-4, msg=key)
 
 
-@pytest.mark.parametrize("full_at", ["best_model", "checkpoint", "final"])
+@pytest.mark.parametrize("full_at", ["best_model", "checkpoint", "checkpoint_start", "final"])
 def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_model(tiny_bert, tiny_data, tmp_path, monkeypatch,
                                                                        full_at):
     import errno
@@ -411,14 +471,20 @@ def test_a_full_disk_ends_the_run_in_one_line_and_keeps_the_last_model(tiny_bert
     before = load_file(out / "model.safetensors")
     checkpoint = load_file(workspace_of(out) / "checkpoint-1" / "model" / "model.safetensors")
     save_pretrained = MoEBertModel.save_pretrained
-    where = {"best_model": ".tmp-best_model", "checkpoint": ".tmp-checkpoint-2", "final": ".tmp-out"}[full_at]
+    where = {"best_model": ".tmp-best_model", "checkpoint": ".tmp-checkpoint-2", "final": ".tmp-out"}.get(full_at)
 
     def disk_full(self, folder, *args, **kwargs):
         save_pretrained(self, folder, *args, **kwargs)  # part of the files are written, then the disk is full
         if where in Path(folder).parts:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(MoEBertModel, "save_pretrained", disk_full)
+    def disk_full_at_once(*args, **kwargs):  # before the checkpoint's folder exists
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if full_at == "checkpoint_start":
+        monkeypatch.setattr(train.Accelerator, "save_state", disk_full_at_once)
+    else:
+        monkeypatch.setattr(MoEBertModel, "save_pretrained", disk_full)
     with pytest.raises(SystemExit, match=r"^error: cannot write .*No space left on device.*every finished checkpoint are "
                                          r"intact\. .*resume with --resume_from_checkpoint latest\.$"):
         resume = [] if full_at == "best_model" else ["--resume_from_checkpoint", "latest", "--eval_steps", "0"]
@@ -459,8 +525,15 @@ def test_stored_stem_states_cut_short_end_the_run_in_one_line(tiny_bert, tiny_da
 
 def test_a_checkpoint_of_another_model_is_refused_in_one_line(tiny_bert, tiny_data, tmp_path):
     run_train(tiny_bert, tiny_data, tmp_path / "a", "--max_train_steps", "1", "--checkpointing_steps", "1")
-    with pytest.raises(SystemExit, match=r"was written for another model \(moe_layers: checkpoint \[2, 3\], this run \[3\]"):
+    checkpoint = re.escape(str(tmp_path / "a-workspace" / "checkpoint-1"))
+    with pytest.raises(SystemExit, match=rf"^error: --resume_from_checkpoint {checkpoint} was written for another model "
+                                         r"\(moe_layers: checkpoint \[2, 3\], this run \[3\]\); resume with the flags it was "
+                                         r"trained with, or start a new --output_dir\.$"):
         run_train(tiny_bert, tiny_data, tmp_path / "b", "--max_train_steps", "2", "--moe_layers", "3",
+                  "--resume_from_checkpoint", str(tmp_path / "a-workspace" / "checkpoint-1"))
+    with pytest.raises(SystemExit, match=r"^error: the checkpoint kept its best model by valid roc_auc, this run by f1_max: "
+                                         r"resume with --metric_for_best_model roc_auc, or start a new run$"):
+        run_train(tiny_bert, tiny_data, tmp_path / "c", "--max_train_steps", "2", "--metric_for_best_model", "f1_max",
                   "--resume_from_checkpoint", str(tmp_path / "a-workspace" / "checkpoint-1"))
 
 

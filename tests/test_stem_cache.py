@@ -10,7 +10,8 @@ from modeling_moebert import MoEBertModel
 from moebert import stem_states
 from moebert.batches import make_collate
 from moebert.losses import backward_step
-from moebert.selection import BestExperts
+from moebert.selection import BestExperts, BestModel
+from moebert.workspace import CheckpointError
 
 INPUTS = [(d, t) for d in range(3) for t in TEXTS]  # the same texts under 3 domain tokens: 15 different stems
 
@@ -47,6 +48,22 @@ def test_stored_states_are_what_a_forward_pass_computes(upper_moe, tmp_path):
     from_stems = StemEncoder(model, stems, batch_size=2)
     for domain in DOMAINS[:3]:
         np.testing.assert_allclose(from_stems.encode(TEXTS, domain), full.encode(TEXTS, domain), atol=1e-5, rtol=0)
+
+
+def test_states_are_stored_in_fp32_mapped_from_disk_and_computed_in_the_precision_asked(upper_moe, tmp_path):
+    model, tokenizer = upper_moe
+    full = open_states(model, tokenizer, tmp_path / "fp32")
+    assert isinstance(full.values, np.memmap) and full.values.dtype == np.float32  # read from disk, not into memory
+    reference = full.batch(INPUTS)["stem_states"]
+    for precision in ("bf16", "fp16"):  # autocast on the model's device: CPU autocast takes both
+        stored = open_states(model, tokenizer, tmp_path / precision, mixed_precision=precision)
+        assert stored.values.dtype == np.float32
+        states = stored.batch(INPUTS)["stem_states"]
+        torch.testing.assert_close(states, reference, atol=0.1, rtol=0.05)  # close to fp32,
+        assert not torch.equal(states, reference)  # but computed in the lower precision
+    bf16, fp16 = (open_states(model, tokenizer, tmp_path / p, mixed_precision=p).batch(INPUTS)["stem_states"]
+                  for p in ("bf16", "fp16"))
+    assert not torch.equal(bf16, fp16)  # each in its own
 
 
 def test_truncation_follows_the_training_length(upper_moe, tmp_path):
@@ -168,3 +185,33 @@ def test_each_domain_keeps_its_best_expert_and_the_rest_is_untouched(upper_moe):
     for key, tensor in model.state_dict().items():
         if ".experts." not in key:
             torch.testing.assert_close(tensor, shared[key], atol=0, rtol=0, msg=key)
+
+    partial = BestExperts("roc_auc")  # a domain without valid scores (no valid pairs) is skipped, not an error
+    assert partial.update(model, {"CVD": {"roc_auc": 0.5}}, 0) == ["CVD"] and list(partial.experts) == ["CVD"]
+    with pytest.raises(CheckpointError, match="--metric_for_best_model roc_auc"):
+        BestExperts("f1_max").load_state_dict(best.state_dict())
+
+
+def test_the_best_model_is_the_first_to_score_highest_and_patience_counts_the_evaluations_since():
+    best = BestModel("pooled_roc_auc", patience=2)  # pooled: all domains' pairs together ("all")
+    assert best.update({"all": {"roc_auc": 0.7}, "mean": {"roc_auc": 0.9}}, step=0)
+    assert (best.value, best.step, best.stale, best.should_stop()) == (0.7, 0, 0, False)
+    assert not best.update({"all": {"roc_auc": 0.7}}, step=10)  # a tie keeps the earlier model
+    assert (best.step, best.stale, best.should_stop()) == (0, 1, False)
+    assert not best.update({"mean": {"roc_auc": 0.95}}, step=20)  # no pooled score is no improvement
+    assert (best.step, best.stale, best.should_stop()) == (0, 2, True)
+    assert best.update({"all": {"roc_auc": 0.8}}, step=30) and (best.value, best.step, best.stale) == (0.8, 30, 0)
+    assert best.state_dict() == {"metric": "pooled_roc_auc", "value": 0.8, "step": 30, "stale": 0}  # in training_state.json
+
+    resumed = BestModel("pooled_roc_auc", patience=2)
+    resumed.load_state_dict(best.state_dict())
+    assert resumed.state_dict() == best.state_dict()
+    with pytest.raises(CheckpointError, match="--metric_for_best_model pooled_roc_auc"):
+        BestModel("roc_auc", patience=2).load_state_dict(best.state_dict())
+
+    unscored = BestModel("roc_auc", patience=2)  # an evaluation without the metric counts once toward patience
+    assert not unscored.update({"mean": {"f1_max": 0.5}}, step=0) and not unscored.should_stop()
+
+    mean = BestModel("roc_auc", patience=None)  # the mean over domains; no patience: never stops early
+    assert mean.update({"all": {"roc_auc": 0.9}, "mean": {"roc_auc": 0.6}}, step=0) and mean.value == 0.6
+    assert not any(mean.update({}, step) for step in range(1, 20)) and not mean.should_stop()

@@ -1,5 +1,6 @@
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -298,7 +299,9 @@ def test_kill_and_resume_reaches_the_same_weights(tiny_bert, tiny_data, tmp_path
 
 def test_resuming_from_a_folder_that_is_no_checkpoint_says_so(tiny_bert, tiny_data, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="not a checkpoint written by train.py"):
+    with pytest.raises(SystemExit, match=rf"^error: --resume_from_checkpoint {re.escape(str(tmp_path / 'empty'))}: not a "
+                                         r"checkpoint written by train.py \(no model/training_state.json\); give a "
+                                         r"checkpoint-<step>/ folder, a downloaded last-checkpoint/, or 'latest'\.$"):
         run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", str(tmp_path / "empty"))
     # a restart script's first run: nothing to resume yet, and it says so
     card = run_train(tiny_bert, tiny_data, tmp_path / "out", "--resume_from_checkpoint", "latest", "--max_train_steps", "1")
