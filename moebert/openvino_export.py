@@ -2,9 +2,9 @@
 post-training quantization (weights and activations int8, calibrated on the domain's own training texts): the
 fastest CPU encoder measured on this project's CPU (docs/speed.md).
 
-Calibration texts: up to `CALIBRATION_TEXTS` texts of the domain's training data, as the model's
-`training_state.json` names it, when that data can be loaded; else the SYNERGY sample shipped in data/. The
-manifest records which. NNCF sends usage data (Google Analytics) unless told not to; it is told not to here (its
+Calibration texts: `CALIBRATION_TEXTS` texts of the domain's training data, as the model's `training_state.json`
+names it, topped up from the SYNERGY sample shipped in data/ when the domain has fewer, or that sample alone when
+the data cannot be loaded here. Each graph records which. NNCF sends usage data (Google Analytics) unless told not to; it is told not to here (its
 telemetry replaced by its stub; the openvino-telemetry package still writes a client id under ~/intel on import).
 """
 
@@ -64,16 +64,22 @@ def import_nncf():
 
 
 def calibration_texts(domain: str, training_data: str | None) -> tuple[list[str], str]:
-    """Up to CALIBRATION_TEXTS texts to calibrate on and where they come from: the domain's training split, else the
-    shipped sample."""
+    """CALIBRATION_TEXTS texts to calibrate on and where they come from: the domain's training split, topped up from
+    the shipped sample when it has fewer (a domain of 35 texts samples its activation ranges poorly; chosen on valid,
+    docs/results.md), else the shipped sample alone."""
+    own = []
     if training_data:
         try:
             train = load_domain_dataset(training_data, splits=("train",), domain=domain)["train"]
-            return _sample([*train["a"], *train["b"]]), training_data
+            own = _sample([*train["a"], *train["b"]])
         except DatasetError as error:
             print(f"calibrating {domain} on {SHIPPED_SAMPLE}: its training data cannot be loaded here "
                   f"({str(error).splitlines()[0][:160]})", file=sys.stderr)
-    return _sample(shipped_training_texts()), SHIPPED_SAMPLE
+    if len(own) == CALIBRATION_TEXTS:
+        return own, training_data
+    taken = set(own)
+    fill = [text for text in _sample(shipped_training_texts()) if text not in taken][: CALIBRATION_TEXTS - len(own)]
+    return own + fill, f"{training_data} + {len(fill)} texts of {SHIPPED_SAMPLE}" if own else SHIPPED_SAMPLE
 
 
 @functools.cache

@@ -20,7 +20,8 @@ from moebert.encoding import EncodingOptions, encoder_of_model
 from moebert.export_format import ExportError
 from moebert.exports import load_export_encoder
 from moebert.loading import load_moebert
-from moebert.openvino_export import SHIPPED_SAMPLE, OpenVinoEncoder
+from moebert.openvino_export import CALIBRATION_TEXTS, SHIPPED_SAMPLE, OpenVinoEncoder, calibration_texts
+from moebert.pair_datasets import load_domain_dataset
 
 
 @pytest.fixture(autouse=True)
@@ -58,7 +59,9 @@ def test_int8_is_calibrated_on_the_domains_training_texts_and_keeps_the_vectors_
     folder = with_training_data(tmp_path / "moe", {"COPD": str(tiny_data / "COPD"), "CVD": "no/such-dataset"})
     out = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "int8"), "--runtime", "openvino"])
     graph = graph_of(out, "COPD")
-    assert graph.get_rt_info(["moebert", "calibration_texts"]).astype(str) == str(tiny_data / "COPD")
+    own = {*train_texts(tiny_data / "COPD")}  # a few toy texts: every one, topped up from the shipped sample
+    assert graph.get_rt_info(["moebert", "calibration_texts"]).astype(str) == (
+        f"{tiny_data / 'COPD'} + {CALIBRATION_TEXTS - len(own)} texts of {SHIPPED_SAMPLE}")
     assert sum(op.get_type_name() == "FakeQuantize" for op in graph.get_ops()) >= 24  # activations and weights int8
     assert graph_of(out, "CVD").get_rt_info(["moebert", "calibration_texts"]).astype(str) == SHIPPED_SAMPLE
     assert f"calibrating CVD on {SHIPPED_SAMPLE}: its training data cannot be loaded here" in capsys.readouterr().err
@@ -66,6 +69,21 @@ def test_int8_is_calibrated_on_the_domains_training_texts_and_keeps_the_vectors_
     quantized = load_export_encoder(str(out), 256, 8).encode(texts, "CVD")
     expected = torch_vectors(folder, texts, "CVD")
     assert cosines(quantized, expected).min() > 0.98 and np.abs(quantized - expected).max() > 1e-4  # close, quantized
+
+
+def train_texts(folder):
+    train = load_domain_dataset(str(folder), splits=("train",))["train"]
+    return [*train["a"], *train["b"]]
+
+
+def test_a_domain_calibrates_on_its_own_texts_topped_up_from_the_shipped_sample_when_it_has_few():
+    large, small = (f"{ROOT}/data/synergy/{d}" for d in ("Jeyaraman_2020", "Sep_2021"))  # 457 and 35 training texts
+    texts, source = calibration_texts("Jeyaraman_2020", large)
+    assert len(texts) == CALIBRATION_TEXTS and set(texts) <= set(train_texts(large)) and source == large
+    own = set(train_texts(small))
+    texts, source = calibration_texts("Sep_2021", small)
+    assert len(texts) == len(set(texts)) == CALIBRATION_TEXTS and own <= set(texts)
+    assert source == f"{small} + {CALIBRATION_TEXTS - len(own)} texts of {SHIPPED_SAMPLE}"
 
 
 def test_a_model_is_exported_once_per_runtime_into_the_cache(tiny_bert, tmp_path, monkeypatch, export_cache):
