@@ -4,8 +4,9 @@ fastest CPU encoder measured on this project's CPU (docs/speed.md).
 
 Calibration texts: `CALIBRATION_TEXTS` texts of the domain's training data, as the model's `training_state.json`
 names it, topped up from the SYNERGY sample shipped in data/ when the domain has fewer, or that sample alone when
-the data cannot be loaded here. Each graph records which. NNCF sends usage data (Google Analytics) unless told not to; it is told not to here (its
-telemetry replaced by its stub; the openvino-telemetry package still writes a client id under ~/intel on import).
+the data cannot be loaded here. Each graph records which. NNCF sends usage data (Google Analytics) unless told not
+to; it is told not to here (its telemetry replaced by its stub; the openvino-telemetry package still writes a
+client id under ~/intel on import).
 """
 
 import functools
