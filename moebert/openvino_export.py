@@ -71,26 +71,28 @@ def calibration_texts(domain: str, training_data: str | None) -> tuple[list[str]
     own = []
     if training_data:
         try:
-            train = load_domain_dataset(training_data, splits=("train",), domain=domain)["train"]
-            own = _sample([*train["a"], *train["b"]])
+            own = _sample(training_texts(training_data, domain))
         except DatasetError as error:
             print(f"calibrating {domain} on {SHIPPED_SAMPLE}: its training data cannot be loaded here "
                   f"({str(error).splitlines()[0][:160]})", file=sys.stderr)
     if len(own) == CALIBRATION_TEXTS:
         return own, training_data
     taken = set(own)
-    fill = [text for text in _sample(shipped_training_texts()) if text not in taken][: CALIBRATION_TEXTS - len(own)]
+    fill = [text for text in shipped_sample() if text not in taken][: CALIBRATION_TEXTS - len(own)]
     return own + fill, f"{training_data} + {len(fill)} texts of {SHIPPED_SAMPLE}" if own else SHIPPED_SAMPLE
 
 
+def training_texts(source: str, domain: str | None = None) -> list[str]:
+    """Both sides of a dataset's training pairs."""
+    train = load_domain_dataset(source, splits=("train",), domain=domain)["train"]
+    return [*train["a"], *train["b"]]
+
+
 @functools.cache
-def shipped_training_texts() -> tuple[str, ...]:
-    """The shipped sample's training texts, read once for every domain that falls back on them."""
-    texts = []
-    for source in sample_specs().values():
-        train = load_domain_dataset(source, splits=("train",))["train"]
-        texts += [*train["a"], *train["b"]]
-    return tuple(texts)
+def shipped_sample() -> tuple[str, ...]:
+    """CALIBRATION_TEXTS of the shipped sample's training texts, read and drawn once for every domain that needs them
+    (at most CALIBRATION_TEXTS of them can be one domain's own, so what remains always fills the gap)."""
+    return tuple(_sample([text for source in sample_specs().values() for text in training_texts(source)]))
 
 
 def _sample(texts: list[str]) -> list[str]:
