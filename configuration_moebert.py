@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+import torch
 from transformers import BertConfig
 
 ROUTING_MODES = ("sentence", "token")
@@ -20,14 +21,21 @@ def names_a_local_folder(name_or_path: str | None) -> bool:
 
 
 def public_model_name(name_or_path: str | None) -> str | None:
-    """How a file that may be published names a model given by a local path: never a folder of this machine. A
-    Hugging Face cache snapshot by the repo id it caches, any other local folder (see `names_a_local_folder`) by its
-    last name; Hub ids and paths below the working directory as given."""
-    if not names_a_local_folder(name_or_path):
-        return name_or_path
-    path = Path(name_or_path).resolve()
-    cached = next((part for part in path.parts if part.startswith(("models--", "datasets--"))), None)
-    return "/".join(cached.split("--")[1:]) if cached else path.name
+    """How a file that may be published (config.json, expert files, cards) names the model a MoE-BERT was upcycled
+    from: a Hub id as given, a Hugging Face cache snapshot by the repo id it caches, and any other local folder not at
+    all (None): its name is no Hub id, though it may look like one, and a published link to it would be broken."""
+    if not name_or_path:
+        return None
+    if not (os.path.exists(name_or_path) or names_a_local_folder(name_or_path)):
+        return name_or_path  # a Hub id
+    return cached_repo_id(name_or_path)
+
+
+def cached_repo_id(path: str) -> str | None:
+    """The repo id of a Hugging Face cache snapshot (`.../models--org--name/snapshots/<commit>`, `datasets--` too);
+    None for any other path."""
+    cached = next((part for part in Path(path).resolve().parts if part.startswith(("models--", "datasets--"))), None)
+    return "/".join(cached.split("--")[1:]) if cached else None
 
 
 def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
@@ -76,7 +84,10 @@ class MoEBertConfig(BertConfig):
         routing_mode (`"sentence"` or `"token"`): one expert per sequence (from `domain_ids` or the domain token
             after `[CLS]`), or one expert per token taken from `token_type_ids`.
         pooling (`"mean"` or `"cls"`): how `pooler_output` is made from the last hidden states.
-        base_model_name_or_path (`str`, *optional*): the BERT checkpoint the experts were copied from.
+        base_model_name_or_path (`str`, *optional*): the BERT checkpoint the experts were copied from (saved by its
+            Hub id, or not at all for a local folder: see `public_model_name`).
+        max_seq_length (`int`, *optional*): the length in tokens the model was trained at (train.py records it; an
+            upcycled model starts with its base's); texts are truncated there by default (`sequence_length`).
         calibration (`dict`, *optional*): per domain, the map from cosine similarity to the probability that two
             texts are co-cited, `{"method": "platt", "fitted_on": "valid", "parameters": {domain: [a, b]}}` for
             `sigmoid(a * cosine + b)`; see `MoEBertModel.cocitation_probability`.
@@ -96,6 +107,7 @@ class MoEBertConfig(BertConfig):
         routing_mode="sentence",
         pooling="mean",
         base_model_name_or_path=None,
+        max_seq_length=None,
         calibration=None,
         expert_sources=None,
         **kwargs,
@@ -111,6 +123,7 @@ class MoEBertConfig(BertConfig):
         self.routing_mode = routing_mode
         self.pooling = pooling
         self.base_model_name_or_path = base_model_name_or_path
+        self.max_seq_length = max_seq_length
         self.calibration = calibration
         self.expert_sources = expert_sources
         self.validate_moe()
@@ -166,6 +179,17 @@ class MoEBertConfig(BertConfig):
         if isinstance(domains, str):
             domains = [domains] * len(texts)
         return [f"{self.domain_tokens[self.domain_index(d)]} {t}" for t, d in zip(texts, domains, strict=True)]
+
+    def sequence_length(self) -> int:
+        """The tokens a text is truncated to: the length the model was trained at, within its position limit."""
+        return min(self.max_seq_length or self.max_position_embeddings, self.max_position_embeddings)
+
+    def cocitation_probability(self, cosine, domain: str) -> torch.Tensor:
+        """The probability that two texts of `domain` whose embeddings have this cosine similarity are co-cited:
+        the domain's calibration `sigmoid(a * cosine + b)`, fitted on `valid` pairs (co-cited and random in equal
+        numbers), so one threshold, e.g. 0.5, means the same in every domain, where cosines do not."""
+        a, b = self.calibration_parameters(domain)
+        return torch.sigmoid(a * torch.as_tensor(cosine, dtype=torch.float32) + b)
 
     def calibration_parameters(self, domain: str) -> tuple[float, float]:
         """(a, b) of the domain's calibration, `sigmoid(a * cosine + b)`; a ValueError saying why there is none."""

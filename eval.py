@@ -22,15 +22,17 @@ import json
 import sys
 from pathlib import Path
 
-from moebert import eval_report
 from moebert.atomic import write_file
-from moebert.calibration import calibrated, calibration_report, describe, fit_calibration
+from moebert.data.pairs import DatasetError, load_domain_dataset, parse_dataset_specs
 from moebert.device import autocast
-from moebert.encoding import EncodingOptions, add_encoding_arguments, load_encoder
-from moebert.evaluation import evaluate_model, scored_metrics
+from moebert.encoders.loader import load_encoder
+from moebert.encoders.options import EncodingOptions, add_encoding_arguments
+from moebert.evaluation import report as eval_report
+from moebert.evaluation.calibration import calibrated, calibration_report, describe, fit_calibration
+from moebert.evaluation.scoring import evaluate_model, scored_metrics
 from moebert.loading import RemoteCodeError
+from moebert.logs import show_logs
 from moebert.names import DEFAULT_OUTPUT_DIR, SHARED_EXPERT_DIR, default_base_model
-from moebert.pair_datasets import DatasetError, load_domain_dataset, parse_dataset_specs
 
 TRAINED = {"moebert": DEFAULT_OUTPUT_DIR, "shared": SHARED_EXPERT_DIR}  # evaluated by default where train.py wrote them
 
@@ -156,6 +158,7 @@ def calibrate(argv: list[str]) -> dict:
 
 
 def main(argv=None):
+    show_logs()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["calibrate"]:
         return calibrate(argv[1:])

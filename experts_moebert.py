@@ -73,9 +73,10 @@ def save_expert_file(model, domain: str, path, fingerprint: str | None = None):
         "moe_layers": json.dumps(config.moe_layers),
         "hidden_size": str(config.hidden_size),
         "intermediate_size": str(config.intermediate_size),
-        "base_model_name_or_path": str(public_model_name(config.base_model_name_or_path)),
         "shared_weights": fingerprint or shared_weights_fingerprint(model),
     }
+    if public_model_name(config.base_model_name_or_path):  # a local folder is named by nothing rather than wrongly
+        metadata["base_model_name_or_path"] = public_model_name(config.base_model_name_or_path)
     parameters = (config.calibration or {}).get("parameters", {})
     if domain in parameters:
         details = {k: v for k, v in config.calibration.items() if k != "parameters"}
@@ -92,7 +93,7 @@ def resolve_expert(source, domain: str | None = None, revision: str | None = Non
     """(local path, provenance {"source", "revision"}) of an expert file: a local file, or `experts/<domain>.safetensors`
     of a Hub repo (downloaded through the Hugging Face cache, so offline mode serves what was downloaded before)."""
     if os.path.isfile(source):
-        return str(source), {"source": public_model_name(os.path.abspath(source)), "revision": None}
+        return str(source), {"source": os.path.basename(source), "revision": None}  # no folder of this machine
     if os.path.isdir(source) or domain is None:
         where = "a folder" if os.path.isdir(source) else "no local file"
         raise FileNotFoundError(f"expert file {source} not found ({where}): give a file, or a Hub repo id with domain=.")
@@ -147,7 +148,8 @@ def check_fits(model, path, tensors: dict, metadata: dict, domain: str | None, a
     if allow_other_shared_weights:
         return "other"
     file_base, model_base = metadata.get("base_model_name_or_path"), public_model_name(config.base_model_name_or_path)
-    why = (f"it was upcycled from another base ({file_base}, this model {model_base})" if file_base != model_base else
+    names = f"{file_base or 'a local folder'}, this model {model_base or 'a local folder'}"
+    why = (f"it was upcycled from another base ({names})" if file_base != model_base else
            "its publisher trained the shared weights too (all weights, e.g. the full recipe), not the experts alone")
     raise ExpertFileError(
         f"{path}: the experts of {metadata['domain']!r} were trained on other shared weights than this model's: {why}. "

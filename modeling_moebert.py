@@ -367,10 +367,9 @@ class MoEBertModel(MoEBertPreTrainedModel):
 
     def cocitation_probability(self, cosine, domain: str) -> torch.Tensor:
         """The probability that two texts of `domain` whose embeddings have this cosine similarity are co-cited, by
-        the domain's calibration (fitted on `valid` pairs, co-cited and random in equal numbers): one threshold, e.g.
-        0.5, then means the same in every domain, where cosines do not."""
-        a, b = self.config.calibration_parameters(domain)
-        return torch.sigmoid(a * torch.as_tensor(cosine, dtype=torch.float32) + b)
+        the domain's calibration (`MoEBertConfig.cocitation_probability`): one threshold, e.g. 0.5, then means the
+        same in every domain, where cosines do not."""
+        return self.config.cocitation_probability(cosine, domain)
 
     # -------------------------------------------------------------------------------- dense <-> MoE weights
 
@@ -504,7 +503,11 @@ class MoEBertModel(MoEBertPreTrainedModel):
             return self.expert_state(self.config.expert_of_domain(self.config.domain_index(init_from)))
         path = init_from or self.config.base_model_name_or_path
         if path is None:
-            raise ValueError("init_from is needed: name an existing domain or a BERT checkpoint.")
+            raise ValueError(
+                "init_from is needed: this model names no base to copy the new expert from (it was upcycled from a "
+                f"local folder, which saved files do not name); pass init_from=, an existing domain "
+                f"({', '.join(self.config.domains)}) or the base's folder or Hub id."
+            )
         try:
             return _load_dense_bert(path).state_dict()
         except OSError as error:  # a base recorded by its folder's name only, or no network
@@ -560,7 +563,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
         }
         # one prompt per domain: encode(texts, prompt_name="CVD") prepends "[CVD] ", the domain-token path
         prompts = {domain: f"{token} " for domain, token in zip(self.config.domains, self.config.domain_tokens)}
-        max_seq_length = getattr(self.config, "max_seq_length", None) or self.config.max_position_embeddings
+        max_seq_length = self.config.sequence_length()
         files = {
             "modules.json": modules,
             "1_Pooling/config.json": pooling,

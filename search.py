@@ -7,14 +7,14 @@
     accelerate launch search.py index --papers pubmed.parquet --model ORG/MOEBERT --output_dir my_index  # N GPUs
     python search.py query --index my_index --queries questions.txt
 
-A collection is a table with columns `id`, `text`, `domain`, read in pieces (moebert.collections); `index` writes a
-resumable index into `--output_dir` (moebert.search_index says what it holds), with any number of processes and
+A collection is a table with columns `id`, `text`, `domain`, read in pieces (moebert.search.collection); `index` writes a
+resumable index into `--output_dir` (moebert.search.index says what it holds), with any number of processes and
 machines under `accelerate launch` (each process encodes its share of the chunks); `query` embeds the query with the
 index's own model, through the expert of `--domain` or, without it, of the predicted domain.
 
 From Python:
 
-    from moebert.search_index import PaperIndex
+    from moebert.search.index import PaperIndex
     index = PaperIndex.load("search_index")
     hits = index.search(["Baclofen for spasticity after stroke"], top_k=5)   # domain predicted
 """
@@ -23,11 +23,12 @@ import argparse
 import json
 from pathlib import Path
 
-from moebert.cocitation import read_table
-from moebert.encoding import EncodingOptions, add_encoding_arguments
+from moebert.data.tables import TableError, read_table
+from moebert.encoders.export.manifest import ExportError
+from moebert.encoders.options import EncodingOptions, add_encoding_arguments
+from moebert.logs import show_logs
 from moebert.names import DEFAULT_OUTPUT_DIR
-from moebert.export_format import ExportError
-from moebert.search_index import DEFAULT_INDEX_DIR, IVFPQ_ABOVE, IndexSettings, PaperIndex, SearchError, build_index
+from moebert.search.index import DEFAULT_INDEX_DIR, IVFPQ_ABOVE, IndexSettings, PaperIndex, SearchError, build_index
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,7 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_encoding_arguments(query, default="as the index was built")
     args = parser.parse_args(argv)
     if args.command == "query":
-        args.texts = (args.text or []) + (read_queries(args.queries) if args.queries else [])
+        try:
+            args.texts = (args.text or []) + (read_queries(args.queries) if args.queries else [])
+        except TableError as error:
+            parser.error(str(error))
         if not args.texts:
             parser.error("query needs --text or --queries")
     return args
@@ -92,6 +96,7 @@ def print_results(texts: list[str], results: list[dict], as_json: bool):
 
 
 def main(argv=None):
+    show_logs()
     args = parse_args(argv)
     options = EncodingOptions.from_args(args)
     try:

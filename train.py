@@ -25,28 +25,30 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
-from huggingface_hub import constants
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from moebert import training_setup
-from moebert.batches import make_collate, train_dataloader, training_pairs
+from moebert.data.pairs import SAMPLE_DIR, DatasetError, load_domain_datasets, parse_dataset_specs
 from moebert.device import ProcessGroupError, bf16_is_native, check_process_group, default_device
-from moebert.evaluation import validate
-from moebert.hub import HubPusher
-from moebert.losses import backward_step
-from moebert.metrics import BASE_METRICS, metric_summary
+from moebert.evaluation.calibration import fit_calibration
+from moebert.evaluation.metrics import BASE_METRICS, metric_summary
+from moebert.evaluation.scoring import validate
+from moebert.logs import show_logs
+from moebert.models.builder import build_model
+from moebert.models.hub import HubPusher, push_refusal
 from moebert.names import DEFAULT_OUTPUT_DIR, default_base_model, public_arg, public_name
-from moebert.pair_datasets import SAMPLE_DIR, DatasetError, load_domain_datasets, parse_dataset_specs
-from moebert.preemption import StopRequest, TrainingStopped, resume_command
-from moebert.recipes import RecipeError, apply_recipe, describe, recipe_values
-from moebert.selection import BestExperts, BestModel
-from moebert.stem_states import StemStates
-from moebert.training_state import TrainingState
-from moebert.workspace import CheckpointError, Workspace, copy_model, resumed_state, save_checkpoint, save_model
+from moebert.training import setup
+from moebert.training.batches import make_collate, train_dataloader, training_pairs
+from moebert.training.losses import backward_step
+from moebert.training.preemption import StopRequest, TrainingStopped, resume_command
+from moebert.training.recipes import RecipeError, apply_recipe, describe, recipe_values
+from moebert.training.selection import BestExperts, BestModel
+from moebert.training.state import CheckpointError, TrainingState
+from moebert.training.stem_states import StemStates
+from moebert.training.workspace import Workspace, copy_model, resumed_state, save_checkpoint, save_model
 
 BEST_MODEL_METRICS = BASE_METRICS + tuple(f"pooled_{m}" for m in BASE_METRICS)
-RECIPE = argparse.SUPPRESS  # a setting of the recipes: absent from the parsed flags unless given (moebert.recipes)
+RECIPE = argparse.SUPPRESS  # a setting of the recipes: absent from the parsed flags unless given (moebert.training.recipes)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,10 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if Path.cwd().resolve().is_relative_to(Path(args.output_dir).resolve()):
         parser.error("--output_dir must not be the working directory or hold it: the final model is swapped in as a "
                      "whole folder; name a folder below it, e.g. --output_dir outputs/moebert")
-    if args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
-    if args.push_to_hub and constants.HF_HUB_OFFLINE:
-        parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it or drop --push_to_hub")
+    refusal = push_refusal(args.push_to_hub, args.hub_model_id)
+    if refusal:
+        parser.error(refusal)
     return args
 
 
@@ -194,10 +195,11 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
         specs = parse_dataset_specs(args.dataset)
         datasets = load_domain_datasets(specs)
     with refused((OSError, ValueError), f"--model_name_or_path {args.model_name_or_path or default_base_model()}: "):
-        model, tokenizer = load_model(args, list(specs))  # not found, not a BERT, unreadable weights
+        model, tokenizer = build_model(args.model_name_or_path or default_base_model(), list(specs), args.moe_layers,
+                                       1 if args.shared_expert else None)  # not found, not a BERT, unreadable weights
     model.config.max_seq_length = args.max_seq_length  # sentence-transformers encodes at the training length
     if args.attention_dropout is not None:
-        training_setup.set_attention_dropout(model, args.attention_dropout)
+        setup.set_attention_dropout(model, args.attention_dropout)
     domains = model.config.domains  # ids by the model's own order, whatever the order of --dataset flags
     for domain in specs:  # experts about to be trained are no longer the ones an expert file gave
         (model.config.expert_sources or {}).pop(domain, None)
@@ -211,9 +213,9 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
     batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
     if args.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
         model.activation_checkpointing_enable({"use_reentrant": False})
-    optimizer = make_optimizer(model, args)
+    optimizer = setup.make_optimizer(model, args.learning_rate, args.weight_decay, args.train_experts_only)
     if accelerator.ddp_handler is not None:
-        accelerator.ddp_handler.find_unused_parameters = training_setup.experts_can_miss_a_step(model)
+        accelerator.ddp_handler.find_unused_parameters = setup.experts_can_miss_a_step(model)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     scheduler = get_linear_schedule_with_warmup(
@@ -227,11 +229,6 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
         accelerator.register_for_checkpointing(experts)
     return Run(model, tokenizer, datasets, known_pairs if args.mask_false_negatives else None, stems, dataloader,
                batch_sampler, optimizer, scheduler, best, experts, max_steps, updates_per_epoch)
-
-
-def load_model(args, domains: list[str]):
-    return training_setup.load_model(args.model_name_or_path or default_base_model(), domains, args.moe_layers,
-                                     args.shared_expert)
 
 
 def open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator, workspace) -> StemStates | None:
@@ -255,10 +252,6 @@ def open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator,
     stems = open_states(build=True) if accelerator.is_main_process else None
     accelerator.wait_for_everyone()
     return stems or open_states(build=False)
-
-
-def make_optimizer(model, args) -> torch.optim.AdamW:
-    return training_setup.make_optimizer(model, args.learning_rate, args.weight_decay, args.train_experts_only)
 
 
 def start(args, accelerator: Accelerator, workspace: Workspace, run: Run) -> tuple[int, TrainingState]:
@@ -349,7 +342,7 @@ def evaluate_and_keep_best(args, accelerator: Accelerator, workspace: Workspace,
     best_model/; tell every process when patience has run out (accelerator's trigger, so all of them stop at the
     same step). With per-domain selection, every process also keeps each domain's best expert."""
     model = accelerator.unwrap_model(run.model)
-    metrics = evaluate(model, run.tokenizer, run.datasets, args, accelerator, run.stems)
+    metrics = validate_and_calibrate(model, args, accelerator, run)
     improved_domains = run.experts.update(model, metrics, state.step) if run.experts else []
     if accelerator.is_main_process:
         state.metrics = {**metrics, "step": state.step}
@@ -371,11 +364,14 @@ def evaluate_and_keep_best(args, accelerator: Accelerator, workspace: Workspace,
     accelerator.wait_for_everyone()
 
 
-def evaluate(model, tokenizer, datasets, args, accelerator, stems) -> dict:
-    """Valid metrics, the model's calibration refitted on them (moebert.evaluation.validate); with the shared weights
-    frozen, the domains this run does not train keep theirs."""
-    return validate(model, tokenizer, datasets, args.max_seq_length, args.per_device_eval_batch_size, accelerator, stems,
-                    keep_other_calibrations=args.train_experts_only)
+def validate_and_calibrate(model, args, accelerator: Accelerator, run: Run) -> dict:
+    """Valid metrics (every process encodes a share), then the model's calibration fitted on these valid scores, so
+    that every model saved (best, checkpoint, final) carries the calibration of its own weights; with the shared
+    weights frozen, the domains this run does not train keep theirs."""
+    metrics, scored = validate(model, run.tokenizer, run.datasets, args.max_seq_length, args.per_device_eval_batch_size,
+                               accelerator, run.stems)
+    model.config.calibration = fit_calibration(scored, kept=model.config.calibration if args.train_experts_only else None)
+    return metrics
 
 
 def checkpoint(args, accelerator: Accelerator, workspace: Workspace, run: Run, state: TrainingState, pusher):
@@ -397,7 +393,7 @@ def finish(args, accelerator: Accelerator, workspace: Workspace, run: Run, state
     if run.experts is not None:
         run.experts.assemble(model)
         state.expert_selection = {"metric": run.experts.metric, "kept": run.experts.best}
-        state.metrics = {**evaluate(model, run.tokenizer, run.datasets, args, accelerator, run.stems), "step": state.step}
+        state.metrics = {**validate_and_calibrate(model, args, accelerator, run), "step": state.step}
         kept = ", ".join(f"{d} step {b['step']}" for d, b in run.experts.best.items())
         summary = ", ".join(f"{k} {v:.4f}" for k, v in metric_summary(state.metrics).items())
         accelerator.print(f"experts selected per domain by valid {run.experts.metric} ({kept}); the assembled model's "
@@ -452,6 +448,7 @@ def saving(what: Path):
 
 
 def main(argv=None):
+    show_logs()
     args = parse_args(argv)
     workspace = Workspace(args.output_dir, args.workspace_dir, args.stem_cache_dir)
     tracking = {"log_with": args.report_to, "project_dir": str(workspace.logs_dir)} if args.with_tracking else {}

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from moebert.cocitation import BuildOptions, build_pairs, make_graph, write_pairs
+from moebert.data.cocitation import BuildOptions, build_pairs, make_graph, write_pairs
 
 
 def generated_graph(n_papers: int, n_links: int, n_domains: int, seed: int = 0):

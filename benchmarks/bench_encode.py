@@ -15,9 +15,9 @@ process of its own (so each reports its own peak memory), after a warm-up on 64 
   `optimum-intel`, which require older transformers, so they run in environments of their own
   (benchmarks/requirements-st-onnx.txt, -st-openvino.txt) given by `--st_onnx_python` and `--st_openvino_python`;
   without them their rows are skipped;
-- ours (`moebert.search_index.embed`: each text through its domain's expert; `--model`, default the embedded base
+- ours (`moebert.encoders.interface.embed`: each text through its domain's expert; `--model`, default the embedded base
   upcycled into the SYNERGY domains) on torch fp32, torch under bf16 autocast (where bf16 is native), ONNX Runtime
-  fp32 and int8, and OpenVINO fp32 and int8 (moebert.exports; exported in a process of its own before, the export
+  fp32 and int8, and OpenVINO fp32 and int8 (moebert.encoders.export.cache; exported in a process of its own before, the export
   time printed apart).
 
 Prints texts/s, the ratio to the reference, the lowest cosine of each vector to its fp32 twin (ours: torch fp32;
@@ -125,9 +125,10 @@ def our_embed(args, row: str):
     os.environ["MOEBERT_CACHE"] = str(Path(args.work) / "cache")
     import torch
 
-    from moebert.encoding import EncodingOptions
-    from moebert.exports import cached_export_encoder
-    from moebert.search_index import EMBEDDED_MODEL, embed, index_encoder
+    from moebert.encoders.options import EncodingOptions
+    from moebert.encoders.export.cache import cached_export_encoder
+    from moebert.encoders.interface import embed
+    from moebert.search.index import EMBEDDED_MODEL, index_encoder
 
     started = time.perf_counter()
     backend, precision = row.split("-")
@@ -199,9 +200,9 @@ def main():
 
     from moebert.device import bf16_is_native
     from moebert.names import default_base_model
-    from moebert.collections import shipped_papers
+    from moebert.data.pairs import sample_papers
 
-    shipped = shipped_papers()
+    shipped = sample_papers()
     papers, calibration = shipped.head(args.texts), shipped.iloc[args.texts : args.texts + 300]
     bf16 = bf16_is_native("cpu")
     print(f"{len(papers)} SYNERGY abstracts, {args.max_seq_length} tokens at most, "

@@ -23,11 +23,12 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 
-from moebert.collections import iter_pieces, shipped_papers
-from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
-from moebert.encoders import Encoder
-from moebert.encoding import EncodingOptions
-from moebert.search_index import IndexSettings, StoredVectors, build_index
+from moebert.data.builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
+from moebert.data.pairs import sample_papers
+from moebert.encoders.interface import Encoder
+from moebert.encoders.options import EncodingOptions
+from moebert.search.collection import iter_pieces
+from moebert.search.index import IndexSettings, StoredVectors, build_index
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -52,7 +53,7 @@ class HashedWords(Encoder):
 def collection(count: int, path: Path) -> list[str]:
     """Write a collection of `count` papers to `path` (parquet); returns its domains."""
     synergy = SHARED_SYNERGY / "papers.csv.gz"
-    sources = [pd.read_csv(synergy)[["text", "domain"]] if synergy.exists() else shipped_papers()[["text", "domain"]]]
+    sources = [pd.read_csv(synergy)[["text", "domain"]] if synergy.exists() else sample_papers()[["text", "domain"]]]
     if SHARED_CITESEER.exists():
         sources.append(read_citeseer(SHARED_CITESEER)[0][["text", "domain"]])
     rows = []

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
+from moebert.data.builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,8 @@ def prepare(work: Path, backend: str) -> tuple[Path, Path]:
     model.save_pretrained(work / "model")
     tokenizer.save_pretrained(work / "model")
     if backend == "onnx":
-        from moebert.encoding import EncodingOptions, load_encoder
+        from moebert.encoders.loader import load_encoder
+        from moebert.encoders.options import EncodingOptions
 
         load_encoder(str(work / "model"), EncodingOptions(backend="onnx", device="cpu"))  # exports once
     return work / "papers.csv", work / "model"

@@ -9,7 +9,7 @@ gold domain, with the domain predicted by `search.py`'s classifier (fitted on th
 and with no domain at all: the query through every expert, each scored against its own domain's papers, merged.
 Models: TF-IDF (fitted on the train texts), the base model, and `outputs/shared-expert` and `outputs/moebert` when
 `train.py` wrote them. Prints the table (docs/results.md keeps it, dated) and writes a plot of Recall@k into
-`--output_dir`. Encoding options as in eval.py and search.py (moebert.encoding).
+`--output_dir`. Encoding options as in eval.py and search.py (moebert.encoders.options).
 """
 
 import argparse
@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 
+from moebert.data.pairs import load_domain_datasets, sample_specs
 from moebert.device import autocast
-from moebert.domain_classifier import DomainClassifier
-from moebert.encoding import EncodingOptions, add_encoding_arguments, load_encoder
-from moebert.metrics import ranking_metrics
+from moebert.encoders.interface import embed
+from moebert.encoders.loader import load_encoder
+from moebert.encoders.options import EncodingOptions, add_encoding_arguments
+from moebert.evaluation.metrics import ranking_metrics
 from moebert.names import DEFAULT_OUTPUT_DIR, SHARED_EXPERT_DIR, default_base_model
-from moebert.pair_datasets import load_domain_datasets, sample_specs
-from moebert.search_index import embed
+from moebert.search.domain_classifier import DomainClassifier
 
 RECALL_KS = (1, 2, 5, 10, 20, 50, 100)
 

@@ -9,7 +9,7 @@ bf16 where native), as `search.py index` would. Then, as `search.py query` runs 
 inner-product index (exact, the default) and IVF-PQ (`--index_type ivfpq`) at several nprobe, with and without
 re-scoring its candidates from the stored vectors (`--rerank`, memory-mapped from disk as in an index folder).
 Recall@k is the share of the exact top k that each finds. Also times one query text through
-`moebert.search_index.embed`.
+`moebert.encoders.interface.embed`.
 """
 
 import argparse
@@ -23,11 +23,12 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from moebert.collections import shipped_papers
-from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
+from moebert.data.builds import SHARED_CITESEER, SHARED_SYNERGY, read_citeseer
+from moebert.data.pairs import sample_papers
 from moebert.device import autocast
-from moebert.encoding import EncodingOptions
-from moebert.search_index import EMBEDDED_MODEL, StoredVectors, embed, index_encoder, ivfpq_index
+from moebert.encoders.interface import embed
+from moebert.encoders.options import EncodingOptions
+from moebert.search.index import EMBEDDED_MODEL, StoredVectors, index_encoder, ivfpq_index
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -36,7 +37,7 @@ def real_texts(count: int, queries: int, seed: int = 0) -> tuple[list[str], list
     """(collection, queries): abstracts and their sentences of five or more words, each text once; the queries are
     sentences drawn at random and kept out of the collection."""
     synergy = SHARED_SYNERGY / "papers.csv.gz"
-    abstracts = pd.read_csv(synergy)["text"] if synergy.exists() else shipped_papers()["text"]
+    abstracts = pd.read_csv(synergy)["text"] if synergy.exists() else sample_papers()["text"]
     if SHARED_CITESEER.exists():
         abstracts = pd.concat([abstracts, read_citeseer(SHARED_CITESEER)[0]["text"]])
     texts, seen = [], set()

@@ -3,7 +3,7 @@
     python -m benchmarks.bench_train [--model_name_or_path PATH] [--per_device_train_batch_size 16]
                                      [--max_seq_length 256] [--steps 6] [--mixed_precision bf16|no]
 
-Each row is a model built as train.py builds it (moebert.training_setup) with the settings shown, running the real
+Each row is a model built as train.py builds it (moebert.training.setup) with the settings shown, running the real
 training step (masked
 MNR loss over pairs and one hard negative each, backward, clipping, AdamW) on the same same-domain batches of the
 embedded sample; the timed steps alternate between the rows, after one warm-up step each. Rows:
@@ -25,14 +25,15 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from moebert.batches import DomainBatchSampler, make_collate, training_pairs
+from moebert.data.pairs import load_domain_datasets, parse_dataset_specs
 from moebert.device import bf16_is_native, default_device
-from moebert.losses import backward_step
+from moebert.models.builder import build_model
 from moebert.names import default_base_model
-from moebert.pair_datasets import load_domain_datasets, parse_dataset_specs
-from moebert.recipes import RECIPES
-from moebert.stem_states import StemStates
-from moebert.training_setup import load_model, make_optimizer, set_attention_dropout
+from moebert.training.batches import DomainBatchSampler, make_collate, training_pairs
+from moebert.training.losses import backward_step
+from moebert.training.recipes import RECIPES
+from moebert.training.setup import make_optimizer, set_attention_dropout
+from moebert.training.stem_states import StemStates
 
 QUICK = RECIPES["quick"]
 PLAIN = {"reuse_stem_states": False}
@@ -63,8 +64,8 @@ def main():
     runs, stem_seconds = {}, None
     for name, settings in ROWS.items():
         settings = QUICK | {"shared_expert": False} | settings
-        model, tokenizer = load_model(options.model_name_or_path or default_base_model(), list(specs),
-                                      settings["moe_layers"], settings["shared_expert"])
+        model, tokenizer = build_model(options.model_name_or_path or default_base_model(), list(specs),
+                                       settings["moe_layers"], 1 if settings["shared_expert"] else None)
         set_attention_dropout(model, settings["attention_dropout"])
         sampler = DomainBatchSampler(pairs["domain_id"], options.per_device_train_batch_size, 1, seed=42)
         rows = [[pairs[i] for i in batch] for _, batch in zip(range(options.steps + 1), sampler)]

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from sklearn.isotonic import IsotonicRegression
 
-from moebert.calibration import calibration_metrics, fit_platt, platt
+from moebert.evaluation.calibration import calibration_metrics, fit_platt, platt
 
 
 def held_out(scores: np.ndarray, labels: np.ndarray, fit: np.ndarray) -> dict:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from moebert.cocitation import sample_negatives
-from moebert.pair_datasets import load_domain_datasets, parse_dataset_specs
+from moebert.data.cocitation import sample_negatives
+from moebert.data.pairs import load_domain_datasets, parse_dataset_specs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -24,11 +24,13 @@ import argparse
 import json
 from pathlib import Path
 
-from moebert.cocitation import BuildOptions, read_table
-from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, build_and_write, build_pubmed, build_sample, push_to_hub
+from moebert.data.builds import SHARED_CITESEER, SHARED_SYNERGY, build_and_write, build_pubmed, build_sample, push_to_hub
+from moebert.data.cocitation import BuildOptions, format_summary
+from moebert.data.pairs import SAMPLE_DIR
+from moebert.data.pubmed import PubMedClient
+from moebert.data.tables import read_table
+from moebert.logs import show_logs
 from moebert.names import public_name
-from moebert.pair_datasets import SAMPLE_DIR
-from moebert.pubmed import PubMedClient
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -74,6 +76,7 @@ def build(args, options: BuildOptions) -> dict:
 
 
 def main(argv=None):
+    show_logs()
     args = parse_args(argv)
     try:
         options = BuildOptions(
@@ -85,9 +88,11 @@ def main(argv=None):
         summary = build(args, options)
     except ValueError as error:  # bad input: one line that names it, no stack trace
         args.parser.error(str(error))
+    print(f"{format_summary(summary)}\n\nwritten to {args.output_dir}/")
     if args.push_to_hub:
-        push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub, args.hub_private_repo,
-                    args.hub_token)
+        address = push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub,
+                              args.hub_private_repo, args.hub_token)
+        print(f"pushed to {address}")
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from huggingface_hub import constants
-
-from moebert.composition import compose, save_composed
-from moebert.hub import HubPusher
+from moebert.encoders.export.cache import check_moebert, training_data_of
+from moebert.encoders.export.manifest import QUANTIZE_CHOICES
+from moebert.encoders.export.runtimes import RUNTIMES, export
 from moebert.loading import load_moebert, model_fingerprint
+from moebert.logs import show_logs
+from moebert.models.composition import compose, save_composed
+from moebert.models.hub import HubPusher, push_refusal
 from moebert.names import public_name
-from moebert.exports import QUANTIZE_CHOICES, RUNTIMES, check_moebert, export, training_data_of
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,10 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     command.add_argument("--hub_private_repo", action="store_true")
     command.add_argument("--hub_token", default=None)
     args = parser.parse_args(argv)
-    if args.command == "compose" and args.push_to_hub and not args.hub_model_id:
-        parser.error("--push_to_hub needs --hub_model_id ORG/NAME")
-    if args.command == "compose" and args.push_to_hub and constants.HF_HUB_OFFLINE:
-        parser.error("--push_to_hub needs the network, but HF_HUB_OFFLINE is set: unset it or drop --push_to_hub")
+    refusal = args.command == "compose" and push_refusal(args.push_to_hub, args.hub_model_id)
+    if refusal:
+        parser.error(refusal)
     return args
 
 
@@ -91,6 +91,7 @@ def compose_command(args):
 
 
 def main(argv=None):
+    show_logs()
     args = parse_args(argv)
     return {"export": export_command, "compose": compose_command}[args.command](args)
 

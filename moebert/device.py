@@ -1,14 +1,25 @@
-"""Which device a model runs on and whether bf16 pays there."""
+"""Which device a model runs on, whether bf16 pays there, the one autocast every forward pass runs under, and the
+check that launched processes form one group."""
 
+import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
 
+logger = logging.getLogger(__name__)
+
+
+def cpu_forced() -> bool:
+    """Whether this run was told to stay on the CPU (ACCELERATE_USE_CPU true, 1 or yes), GPUs or not."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes", "y", "on")
+
 
 def default_device() -> str:
-    """The accelerator when there is one: every transformer model of a comparison runs on the same device."""
+    """The accelerator when there is one and the run is not told to stay on the CPU: every transformer model of a
+    comparison runs on the same device."""
+    if cpu_forced():
+        return "cpu"
     if torch.cuda.is_available():
         return "cuda"
     return "mps" if torch.backends.mps.is_available() else "cpu"
@@ -25,11 +36,15 @@ def bf16_is_native(device: str) -> bool:
 
 
 def autocast(device: str, precision: str):
-    """bf16 autocast for `bf16`, and for `auto` where bf16 is native (else fp32, and says so); fp32 for `fp32`."""
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_is_native(device))
-    if precision == "auto" and not use_bf16:
-        print(f"encoding in fp32: bf16 is not native on {device}", file=sys.stderr)
-    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16)
+    """The autocast of a precision, as encoding (fp32, bf16, auto) and Accelerate's mixed precision (no, fp16, bf16)
+    name them: bf16 for `bf16`, and for `auto` where bf16 is native (else fp32, and says so); fp16 for `fp16`; none
+    for `fp32` and `no`."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if precision == "auto":
+        dtype = torch.bfloat16 if bf16_is_native(device) else None
+        if dtype is None:
+            logger.info(f"encoding in fp32: bf16 is not native on {device}")
+    return torch.autocast(device.split(":")[0], dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
 
 class ProcessGroupError(RuntimeError):

@@ -4,11 +4,12 @@ datasets."""
 import os
 from pathlib import Path
 
-from configuration_moebert import names_a_local_folder, public_model_name
+from configuration_moebert import cached_repo_id, names_a_local_folder, public_model_name
 
 DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what saved models record as their base
 DEFAULT_OUTPUT_DIR = Path("outputs/moebert")  # train.py's model, which eval.py and search.py use by default
 SHARED_EXPERT_DIR = Path("outputs/shared-expert")  # where docs/training.md trains the one-expert baseline
+TRAINING_STATE_FILE = "training_state.json"  # beside a trained model's weights: how it was trained (moebert.training.state)
 
 
 def default_base_model() -> str:
@@ -24,19 +25,29 @@ def local_copy(model_id: str | None) -> str | None:
 
 
 def public_name(name_or_path: str | None) -> str | None:
-    """How a model or dataset is named in a file that may be published (model card, config, training state, search
-    manifest): never a folder of this machine. The embedded base by its Hub id, a folder under the working
-    directory relative to it, anything else as `public_model_name` names it (a Hugging Face cache snapshot by its
-    repo id, another local folder by its last name, Hub ids as given)."""
+    """How a model, dataset or file is named in a file that may be published (training state, search manifest,
+    export manifest): never a folder of this machine. The embedded base by its Hub id, a Hugging Face cache snapshot
+    by its repo id, a path under the working directory relative to it, any other local path by its last name, Hub
+    ids as given. A base model is named by `public_base_name`, which never gives a name that is no Hub id."""
     if not names_a_local_folder(name_or_path):
         return name_or_path
     path = Path(name_or_path).resolve()
     if path == Path(default_base_model()).resolve():
         return DEFAULT_BASE_MODEL_ID
-    in_cache = any(part.startswith(("models--", "datasets--")) for part in path.parts)
-    if path.is_relative_to(Path.cwd().resolve()) and not in_cache:
+    if cached_repo_id(str(path)):
+        return cached_repo_id(str(path))
+    if path.is_relative_to(Path.cwd().resolve()):
         return path.relative_to(Path.cwd().resolve()).as_posix()
-    return public_model_name(str(path))
+    return path.name
+
+
+def public_base_name(name_or_path: str | None) -> str | None:
+    """How config.json, expert files and model cards name the base a MoE-BERT was upcycled from: a Hub id, or none
+    (None) for a local folder that is not the embedded base nor a Hugging Face cache snapshot (see
+    configuration_moebert.public_model_name)."""
+    if name_or_path and Path(name_or_path).exists() and Path(name_or_path).resolve() == Path(default_base_model()).resolve():
+        return DEFAULT_BASE_MODEL_ID
+    return public_model_name(name_or_path)
 
 
 def public_arg(value):

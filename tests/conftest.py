@@ -1,4 +1,5 @@
 import atexit
+import importlib.util
 import os
 import shutil
 import signal
@@ -20,7 +21,8 @@ if "MOEBERT_CACHE" not in os.environ:  # exports stay out of ~/.cache, and go wi
 from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
 
 from modeling_moebert import MoEBertModel  # noqa: E402
-from moebert.encoding import EncodingOptions, load_encoder  # noqa: E402
+from moebert.encoders.loader import load_encoder
+from moebert.encoders.options import EncodingOptions  # noqa: E402
 from moebert.names import default_base_model as minilm_path  # noqa: E402
 
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
@@ -34,6 +36,20 @@ def needs_shared(path: Path):
     if os.environ.get("MOEBERT_REQUIRE_SHARED"):
         pytest.fail(f"{path} is missing, though ../shared is beside this checkout (MOEBERT_REQUIRE_SHARED is set)")
     pytest.skip(f"{path} is not beside this checkout")
+
+
+def requires(package: str, why: str):
+    """The mark of a test that needs a package requirements.txt installs but a bare GPU image may lack (faiss,
+    openvino): skipped where it is missing, unless MOEBERT_REQUIRE_PACKAGES is set (.ci/run sets it), where a missing
+    package stops the run instead of being skipped silently."""
+    missing = importlib.util.find_spec(package) is None
+    if missing and os.environ.get("MOEBERT_REQUIRE_PACKAGES"):
+        raise RuntimeError(f"{package} is not installed, though MOEBERT_REQUIRE_PACKAGES is set: pip install -r "
+                           "requirements.txt")
+    return pytest.mark.skipif(missing, reason=f"{package} is not installed: {why}")
+
+
+requires_faiss = requires("faiss", "search builds and queries its index with FAISS (faiss-cpu)")
 
 
 @pytest.fixture(autouse=True)
@@ -114,10 +130,10 @@ class StepRecord(list):
 @pytest.fixture
 def optimizer_steps(monkeypatch):
     """The learning rate of every optimizer step train.py takes in this process, in order."""
-    import train
+    from moebert.training import setup
 
     learning_rates = StepRecord()
-    make_optimizer = train.make_optimizer
+    make_optimizer = setup.make_optimizer
 
     class CountedAdamW(torch.optim.AdamW):
         def step(self, closure=None):
@@ -126,12 +142,12 @@ def optimizer_steps(monkeypatch):
                 os.kill(os.getpid(), signal.SIGTERM)
             return super().step(closure)
 
-    def counted(model, args):
-        optimizer = make_optimizer(model, args)
+    def counted(*args):
+        optimizer = make_optimizer(*args)
         optimizer.__class__ = CountedAdamW
         return optimizer
 
-    monkeypatch.setattr(train, "make_optimizer", counted)
+    monkeypatch.setattr(setup, "make_optimizer", counted)
     return learning_rates
 
 

@@ -9,10 +9,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like train.py
 
+from moebert.training import setup  # noqa: E402
 import train  # noqa: E402
 
 RECORD = f"{os.environ['COUNTED_STEPS']}.{os.environ.get('RANK', '0')}"
-make_optimizer = train.make_optimizer
+make_optimizer = setup.make_optimizer
 
 
 class CountedAdamW(torch.optim.AdamW):
@@ -22,13 +23,13 @@ class CountedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def counted(model, args):
-    optimizer = make_optimizer(model, args)
+def counted(*args):
+    optimizer = make_optimizer(*args)
     optimizer.__class__ = CountedAdamW
     return optimizer
 
 
-train.make_optimizer = counted
+setup.make_optimizer = counted
 
 if __name__ == "__main__":
     train.main()

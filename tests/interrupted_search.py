@@ -7,8 +7,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, like search.py
 
+from moebert.search import index as search_index  # noqa: E402
 import search  # noqa: E402
-from moebert import search_index  # noqa: E402
 
 AFTER = int(os.environ["INTERRUPT_AFTER_CHUNKS"])
 write_chunk, written = search_index._write_chunk, []

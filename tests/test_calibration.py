@@ -6,11 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TEXTS
+from conftest import TEXTS, requires_faiss
 
 import eval as eval_script
-from moebert import evaluation
-from moebert.calibration import (calibration_metrics, calibration_report, describe, fit_calibration, fit_platt, platt,
+from moebert.evaluation import scoring as evaluation
+from moebert.evaluation.calibration import (calibration_metrics, calibration_report, describe, fit_calibration, fit_platt, platt,
                                  reliability_curve)
 from modeling_moebert import MoEBertModel
 
@@ -132,8 +132,8 @@ def test_eval_reports_raw_and_calibrated_scores_and_calibrate_stores_the_map(cal
                                "--output_dir", str(out), "--bootstrap", "20", "--reference", "tfidf"])
     report = results["moe"]["calibration"]
     assert report["fitted_by"] == "eval.py calibrate" and results["tfidf"]["calibration"]["fitted_by"] == "eval.py"
-    from moebert.encoders import TfidfEncoder
-    from moebert.pair_datasets import load_domain_dataset
+    from moebert.encoders.baselines import TfidfEncoder
+    from moebert.data.pairs import load_domain_dataset
 
     for domain in ("CVD", "COPD"):  # a model without a calibration of its own gets one fitted on valid, not on test
         _, scored = evaluation.evaluate_model(TfidfEncoder(), {domain: load_domain_dataset(str(tmp_path / "data" / domain))},
@@ -158,7 +158,7 @@ def test_training_stores_the_calibration_of_the_saved_weights(tiny_bert, tmp_pat
     from conftest import torch_encoder
     from test_train import run_train
 
-    from moebert.pair_datasets import load_domain_dataset
+    from moebert.data.pairs import load_domain_dataset
 
     write_domains(tmp_path / "data")
     run_train(tiny_bert, tmp_path / "data", tmp_path / "out", "--max_train_steps", "2")
@@ -170,6 +170,7 @@ def test_training_stores_the_calibration_of_the_saved_weights(tiny_bert, tmp_pat
         np.testing.assert_allclose(stored["parameters"][domain], fit_platt(*scored[domain]["valid"]), rtol=1e-3, atol=1e-3)
 
 
+@requires_faiss
 def test_search_prints_the_probability_beside_the_cosine(calibrated_moe, tmp_path, capsys):
     import search
 
@@ -226,6 +227,27 @@ def test_fit_calibration_skips_a_one_class_domain_and_fits_the_others():
     report = calibration_report({"CVD": {"test": (np.linspace(0, 1, 40), labels)}}, "test", calibration)
     assert report["parameters"] == calibration["parameters"] and report["method"] == "platt"
     assert set(report["raw"]["per_domain"]) == set(report["calibrated"]["per_domain"]) == {"CVD"}
+
+
+def test_a_refit_keeps_the_maps_of_the_domains_it_did_not_score():
+    labels = np.repeat([0, 1], 20)
+    kept = {"method": "platt", "fitted_on": "valid", "parameters": {"SKIN": [2.0, 1.0], "CVD": [1.0, 0.0]}}
+    refit = fit_calibration({"CVD": {"valid": (np.linspace(0, 1, 40), labels)}}, kept=kept)
+    assert refit["parameters"]["SKIN"] == [2.0, 1.0]  # its expert did not change
+    assert refit["parameters"]["CVD"] == pytest.approx(list(fit_platt(np.linspace(0, 1, 40), labels)))
+    assert kept["parameters"] == {"SKIN": [2.0, 1.0], "CVD": [1.0, 0.0]}  # the old map is left as it was
+
+
+def test_validating_changes_nothing_the_calibration_is_a_step_of_its_own(calibrated_moe, tmp_path):
+    from moebert.data.pairs import load_domain_datasets
+
+    model, tokenizer = calibrated_moe
+    write_domains(tmp_path / "data")
+    before = json.loads(json.dumps(model.config.calibration))
+    results, scored = evaluation.validate(model, tokenizer, load_domain_datasets(
+        {d: str(tmp_path / "data" / d) for d in ("CVD", "COPD")}), 32, 8)
+    assert model.config.calibration == before and set(scored) == {"CVD", "COPD"} and "roc_auc" in results["mean"]
+    assert fit_calibration(scored)["parameters"] != before["parameters"]  # what train.py then stores
 
 
 def test_describe_says_where_the_probability_is_one_half():

@@ -7,9 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import ROOT, needs_shared
 
-from moebert.dataset_builds import SHARED_CITESEER, SHARED_SYNERGY, build_sample
-from moebert.cocitation import BuildOptions, build_pairs, cocitation_matrix, format_summary, make_graph, read_table, write_pairs
-from moebert.pair_datasets import DatasetError, load_domain_dataset, parse_dataset_specs, sample_specs
+from moebert.data.builds import SHARED_CITESEER, SHARED_SYNERGY, build_sample
+from moebert.data.cocitation import BuildOptions, build_pairs, cocitation_matrix, format_summary, make_graph, write_pairs
+from moebert.data.pairs import DatasetError, load_domain_dataset, parse_dataset_specs, sample_specs
+from moebert.data.tables import read_table, read_table_pieces, split_name, table_format
 
 
 def hand_made_graph():
@@ -172,9 +173,46 @@ def test_tables_are_read_as_shipped_also_compressed(tmp_path, suffix):
     pd.testing.assert_frame_equal(read_table(path), papers)
 
 
+def write_table(frame: pd.DataFrame, path):
+    if ".jsonl" in path.name:
+        frame.to_json(path, orient="records", lines=True)
+    elif ".parquet" in path.name:
+        frame.to_parquet(path)
+    else:
+        frame.to_csv(path, sep="\t" if ".tsv" in path.name else ",", index=False)
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".tsv", ".jsonl.xz", ".parquet"])
+def test_a_table_read_in_pieces_gives_the_rows_read_whole_in_their_order(tmp_path, suffix):
+    papers, _ = random_graph(n_papers=20)
+    write_table(papers, tmp_path / f"papers{suffix}")
+    pieces = list(read_table_pieces(tmp_path / f"papers{suffix}", 7))
+    assert [len(p) for p in pieces] == [7, 7, 6]
+    pd.testing.assert_frame_equal(pd.concat(pieces, ignore_index=True), read_table(tmp_path / f"papers{suffix}"))
+
+
+@pytest.mark.parametrize("suffix", [".csv.gz", ".tsv", ".jsonl", ".parquet"])
+def test_pair_datasets_load_from_split_files_in_any_table_format(tmp_path, suffix):
+    pairs = pd.DataFrame({"a": ["x one", "y two"], "b": ["p three", "q four"], "label": [1, 0]})
+    (tmp_path / "CVD").mkdir()
+    for split in ("train", "valid", "test"):
+        write_table(pairs, tmp_path / "CVD" / f"{split}{suffix}")
+    loaded = load_domain_dataset(str(tmp_path / "CVD"))
+    assert {s: (d["a"], d["label"]) for s, d in loaded.items()} == {s: (["x one", "y two"], [1, 0]) for s in loaded}
+    assert list(loaded) == ["train", "valid", "test"]
+
+
+def test_table_formats_come_from_the_file_name():
+    assert split_name("train.csv.gz") == ("train", ".csv", ".gz") and split_name("a.b.jsonl") == ("a.b", ".jsonl", None)
+    assert split_name("papers.parquet.gz")[1] is None and split_name("notes.txt")[1] is None
+    assert table_format("x.tsv.zst") == ".tsv"
+
+
 def test_an_unsupported_table_format_is_named():
     with pytest.raises(ValueError, match=r"unsupported table format '\.xlsx'; use \.csv"):
         read_table("papers.xlsx")
+    with pytest.raises(ValueError, match=r"unsupported table format '\.parquet\.gz'"):
+        list(read_table_pieces("papers.parquet.gz", 10))
 
 
 def test_identical_texts_under_two_ids_are_merged_before_splitting():
@@ -302,7 +340,7 @@ def test_loader_errors_for_bad_specs_and_unreachable_sources(tmp_path):
 
 def test_build_command_writes_pairs_and_summary_from_tables(tmp_path, capsys):
     from data.build import main
-    from moebert.dataset_builds import dataset_card
+    from moebert.data.builds import dataset_card
 
     papers, citations = random_graph()
     papers.to_parquet(tmp_path / "papers.parquet")
@@ -326,7 +364,7 @@ def test_push_to_hub_uploads_the_card_then_one_config_per_domain(tmp_path, monke
     import datasets
     import huggingface_hub
 
-    from moebert.dataset_builds import push_to_hub
+    from moebert.data.builds import push_to_hub
 
     tables, summary = build_pairs(make_graph(*random_graph()), BuildOptions())
     write_pairs(tables, summary, tmp_path)
@@ -348,7 +386,7 @@ def test_push_to_hub_uploads_the_card_then_one_config_per_domain(tmp_path, monke
 def test_hub_source_with_a_config_loads_that_config(monkeypatch):
     import datasets
 
-    import moebert.pair_datasets
+    import moebert.data.pairs
 
     calls = []
 
@@ -356,7 +394,7 @@ def test_hub_source_with_a_config_loads_that_config(monkeypatch):
         calls.append((name, config))
         return datasets.DatasetDict({s: datasets.Dataset.from_pandas(GOOD) for s in ("train", "valid", "test")})
 
-    monkeypatch.setattr(moebert.pair_datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(moebert.data.pairs, "load_dataset", fake_load_dataset)
     load_domain_dataset("org/pairs:IR")
     load_domain_dataset("GleghornLab/abstract_domain_cvd")
     assert calls == [("org/pairs", "IR"), ("GleghornLab/abstract_domain_cvd", None)]

@@ -1,5 +1,7 @@
 """The shape of the code, held by tests: every import (also those inside functions) forms a graph without circles,
-with the scripts on top and the Hub model files at the bottom; no script is imported; nothing patches sys.path."""
+with the scripts on top and the Hub model files at the bottom, and within the library the subpackages in the order
+of their stages (docs/design.md); no script is imported; nothing patches sys.path; the library prints nothing, names
+no module after the standard library's and hard-codes no text length."""
 
 import ast
 import sys
@@ -8,6 +10,10 @@ from pathlib import Path
 from conftest import ROOT
 
 HUB_FILES = {"modeling_moebert", "configuration_moebert", "experts_moebert"}
+# the library's stages, bottom to top: a module imports its own stage's, those below, the flat core modules and the Hub
+# files, never a stage above (training and search, at the top, do not import each other)
+STAGES = {"data": 1, "encoders": 2, "evaluation": 3, "models": 4, "training": 5, "search": 5}
+CORE = {"moebert.names", "moebert.atomic", "moebert.device", "moebert.loading", "moebert.logs"}
 
 
 def project_files() -> dict[str, Path]:
@@ -108,3 +114,63 @@ def test_no_function_of_train_py_is_longer_than_sixty_lines():
     long = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
             if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 60}
     assert not long
+
+
+def stage(module: str) -> int | None:
+    """The stage of a library module: 0 for the flat core modules, None outside the library (and its entry point)."""
+    if module in CORE:
+        return 0
+    parts = module.split(".")
+    return STAGES.get(parts[1]) if len(parts) > 1 and parts[0] == "moebert" else None
+
+
+def test_the_library_is_the_flat_core_and_the_stage_subpackages():
+    library = {name for name in project_files() if name.startswith("moebert.")} - {"moebert.__main__"}
+    assert {name for name in library if stage(name) is None and name.count(".") == 1} == set()  # nothing else flat
+    assert {name.split(".")[1] for name in library if name.count(".") >= 1 and name not in CORE} == set(STAGES)
+
+
+def test_no_stage_imports_a_stage_above_it_and_the_core_imports_only_the_core():
+    graph = import_graph()
+    upward = [f"{module} imports {other}" for module, others in graph.items() if stage(module) is not None
+              for other in others if other not in HUB_FILES and (stage(other) or 0) > stage(module)]
+    assert not upward
+    sideways = [f"{module} imports {other}" for module, others in graph.items() for other in others
+                if stage(module) == stage(other) and stage(module) and other.split(".")[1] != module.split(".")[1]]
+    assert not sideways
+
+
+def test_the_library_prints_nothing_outside_its_command_line_entry_point():
+    printing = [f"{name}:{node.lineno}" for name, path in project_files().items()
+                if name.startswith("moebert.") and name != "moebert.__main__"
+                for node in ast.walk(ast.parse(path.read_text()))
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+    assert not printing
+
+
+def test_no_module_is_named_after_a_standard_library_module():
+    shadowing = [name for name in project_files() if name.split(".")[-1] in sys.stdlib_module_names]
+    assert not shadowing
+
+
+def test_no_text_length_is_hard_coded_outside_the_recipes():
+    """A length comes from the model's config (MoEBertConfig.sequence_length, moebert.loading.max_seq_length_of) or
+    from a flag; the recipes are the one place that sets one."""
+    found = []
+    for name, path in project_files().items():
+        if name == "moebert.training.recipes" or not (name.startswith("moebert") or name in HUB_FILES):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                named, value = " ".join(ast.unparse(t) for t in targets), node.value or ast.Constant(None)
+            elif isinstance(node, ast.keyword):
+                named, value = node.arg or "", node.value
+            elif isinstance(node, ast.BoolOp):
+                named, value = ast.unparse(node), node
+            else:
+                continue
+            numbers = [c for c in ast.walk(value) if isinstance(c, ast.Constant) and type(c.value) is int and c.value >= 64]
+            if "length" in named and numbers:
+                found.append(f"{name}:{node.lineno}: {ast.unparse(node)[:80]}")
+    assert not found

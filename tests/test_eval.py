@@ -8,9 +8,13 @@ from datasets import Dataset, DatasetDict
 
 import eval as eval_script
 from modeling_moebert import MoEBertModel
-from moebert import device, encoders, evaluation
+from moebert import device
+from moebert.encoders import transformer as encoders
+from moebert.encoders.baselines import SentenceTransformerEncoder
+from moebert.encoders.interface import Encoder
+from moebert.evaluation import scoring as evaluation
+from moebert.evaluation.metrics import ranking_metrics
 from moebert.loading import RemoteCodeError
-from moebert.metrics import ranking_metrics
 
 PAIRS = pd.DataFrame(
     {
@@ -21,7 +25,7 @@ PAIRS = pd.DataFrame(
 )
 
 
-class CountingEncoder(encoders.Encoder):
+class CountingEncoder(Encoder):
     """Bag of letters; records every text it is asked to encode."""
 
     def __init__(self):
@@ -117,7 +121,7 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
     cls_pooling = models.Pooling(transformer.get_embedding_dimension(), pooling_mode="cls")
     SentenceTransformer(modules=[transformer, cls_pooling]).save(str(tmp_path / "st"))
     encoder = torch_encoder(tmp_path / "st", 32, 2)
-    assert isinstance(encoder, encoders.SentenceTransformerEncoder)
+    assert isinstance(encoder, SentenceTransformerEncoder)
     texts = ["heart failure with preserved ejection fraction", "asthma"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     with torch.no_grad():
@@ -127,11 +131,15 @@ def test_sentence_transformers_models_keep_their_own_pooling(tiny_bert, tmp_path
 
 
 def test_models_run_on_the_accelerator_when_there_is_one(tiny_bert, monkeypatch):
-    from moebert.encoding import EncodingOptions, load_encoder
+    from moebert.encoders.loader import load_encoder
+    from moebert.encoders.options import EncodingOptions
 
     monkeypatch.setattr(device.torch.cuda, "is_available", lambda: True)
     assert device.default_device() == "cuda"
     assert EncodingOptions.from_args(eval_script.parse_args(["--model", "tfidf"])).device == "cuda"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")  # told to stay on the CPU (accelerate launch's CPU processes)
+    assert device.default_device() == "cpu"
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
     monkeypatch.setattr(device.torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(device.torch.backends.mps, "is_available", lambda: False)
     assert device.default_device() == "cpu"
@@ -194,9 +202,9 @@ def test_ranking_metrics_by_hand_with_excluded_candidates():
 def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, capsys):
     import torch
 
-    import train
-    from moebert.encoding import EncodingOptions
-    from moebert.search_index import index_encoder
+    from moebert.encoders.options import EncodingOptions
+    from moebert.models.builder import build_model
+    from moebert.search.index import index_encoder
 
     model, tokenizer = tiny_moe
     folder, marker = tmp_path / "moe", tmp_path / "planted-code-ran"
@@ -208,7 +216,7 @@ def test_model_folders_never_run_their_own_code_unasked(tiny_moe, tmp_path, caps
     # evaluation, search and continued training all load it with this project's classes
     encoder = torch_encoder(folder, 32, 2)
     search_encoder, _, _ = index_encoder(str(folder), EncodingOptions(max_seq_length=32, device="cpu"))
-    continued, _ = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", str(folder)]), ["CVD"])
+    continued, _ = build_model(str(folder), ["CVD"])  # as train.py does
     assert not marker.exists()
     batch = tokenizer(model.prepend_domain_token(["asthma attack"], "COPD"), return_tensors="pt")
     with torch.no_grad():

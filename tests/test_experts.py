@@ -32,10 +32,10 @@ def run(command: list[str], env: dict, cwd=ROOT) -> subprocess.CompletedProcess:
     return result
 
 
-def publish(tiny_bert, tiny_data, tmp_path, hub, domain: str, *extra) -> str:
+def publish(base, tiny_data, tmp_path, hub, domain: str, *extra) -> str:
     """A group's model: the base upcycled into its own domain, its experts alone trained a few steps, pushed."""
     out = tmp_path / f"publisher-{domain}"
-    run(["train.py", "--recipe", "quick", "--model_name_or_path", tiny_bert, "--dataset", f"{domain}={tiny_data / domain}",
+    run(["train.py", "--recipe", "quick", "--model_name_or_path", base, "--dataset", f"{domain}={tiny_data / domain}",
          "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_seq_length", "32", "--max_train_steps",
          "3", "--learning_rate", "1e-2", "--no-select_experts_per_domain", "--push_to_hub", "--hub_model_id",
          f"lab/{domain.lower()}", "--seed", str(len(domain)), *extra], hub_env(hub, tmp_path))  # the domains' data
@@ -145,7 +145,7 @@ def test_an_expert_trained_with_all_weights_is_refused_unless_allowed_and_the_ca
     metadata = safe_open(other_base / "CVD.safetensors", framework="pt").metadata()
     save_file(load_file(other_base / "CVD.safetensors"), other_base / "renamed.safetensors",
               metadata=metadata | {"base_model_name_or_path": "org/another-bert"})
-    with pytest.raises(ValueError, match=r"upcycled from another base \(org/another-bert, this model tiny-bert0\)"):
+    with pytest.raises(ValueError, match=r"upcycled from another base \(org/another-bert, this model a local folder\)"):
         model.load_expert(other_base / "renamed.safetensors")
 
 
@@ -169,17 +169,24 @@ def test_an_older_expert_file_loads_with_a_notice_of_what_cannot_be_checked(tiny
     assert fresh.config.expert_sources["CVD"]["shared_weights"] == "same"
 
 
+def host(hub, folder, repo_id: str) -> str:
+    """A local model folder served by the fake Hub as `repo_id`."""
+    hub.repos[repo_id] = {"private": False, "files": {p.name: p.read_bytes() for p in Path(folder).iterdir() if p.is_file()},
+                          "commit": "b" * 40}
+    return repo_id
+
+
 def test_training_one_new_domain_on_a_published_model_changes_and_pushes_only_that_expert(tiny_bert, tiny_data,
                                                                                          tmp_path):
     with FakeHub() as hub:
-        published = publish(tiny_bert, tiny_data, tmp_path, hub, "CVD")
+        published = publish(host(hub, tiny_bert, "lab/tiny-bert"), tiny_data, tmp_path, hub, "CVD")
         contribution = tmp_path / "contribution"
         run(["train.py", "--recipe", "quick", "--model_name_or_path", published, "--dataset",
              f"COPD={tiny_data / 'COPD'}", "--output_dir", str(contribution), "--per_device_train_batch_size", "4",
              "--max_seq_length", "32", "--max_train_steps", "2", "--learning_rate", "1e-2",
              "--no-select_experts_per_domain", "--push_to_hub", "--hub_model_id", "lab/copd-contribution",
-             "--push_experts", "trained", "--hub_strategy", "end"], hub_env(hub, tmp_path),
-            cwd=Path(tiny_bert).parent)  # where the base the model names ("tiny-bert0") is found, to copy from
+             "--push_experts", "trained", "--hub_strategy", "end"], hub_env(hub, tmp_path))  # COPD's expert is
+        # copied from the base the published model names, lab/tiny-bert, downloaded
         pushed = set(hub.repos["lab/copd-contribution"]["files"])
     assert {"experts/COPD.safetensors", "model.safetensors", "config.json"} <= pushed
     assert "experts/CVD.safetensors" not in pushed  # the other domain's expert is not this group's to publish

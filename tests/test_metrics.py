@@ -3,7 +3,7 @@ import pytest
 
 from sklearn.metrics import roc_auc_score
 
-from moebert.metrics import (
+from moebert.evaluation.metrics import (
     OneClassError,
     _stratified_draw,
     at_threshold,

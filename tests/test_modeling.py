@@ -511,17 +511,19 @@ def test_add_domain_leaves_existing_domains_untouched(tiny_moe, tiny_bert):
         model.add_domain("CVD", tokenizer)
 
 
-def test_a_saved_model_names_its_local_base_by_name_and_grows_from_a_domain(tiny_moe, tiny_bert, tmp_path, monkeypatch):
+def test_a_saved_model_names_a_local_base_by_nothing_and_grows_from_a_domain(tiny_moe, tiny_bert, tmp_path,
+                                                                            monkeypatch):
     model, tokenizer = tiny_moe
     assert model.config.base_model_name_or_path == tiny_bert  # in memory: where new experts are copied from
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(Path(tiny_bert).parent)  # even where the folder's name would pass for a relative path
     model.save_pretrained(tmp_path / "saved")
     loaded = MoEBertModel.from_pretrained(tmp_path / "saved")
-    assert loaded.config.base_model_name_or_path == Path(tiny_bert).name  # published: no folder of this machine
-    with pytest.raises(ValueError, match=r"the base 'tiny-bert0' to copy the new expert from cannot be loaded .*pass "
-                       r"init_from=, an existing domain \(CVD, COPD"):
+    assert loaded.config.base_model_name_or_path is None  # published: no folder, nor a name that looks like a Hub id
+    with pytest.raises(ValueError, match=r"init_from is needed: this model names no base .*pass init_from=, an "
+                       r"existing domain \(CVD, COPD"):
         loaded.add_domain("ONC", tokenizer)
     assert loaded.add_domain("ONC", tokenizer, init_from=tiny_bert) == 5
+    assert loaded.add_domain("SURG", tokenizer, init_from="CVD") == 6
 
 
 @torch.no_grad()

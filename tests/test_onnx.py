@@ -3,18 +3,20 @@ import shutil
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
 import torch
+from packaging.version import Version
 
 import eval as eval_script
-from conftest import DOMAINS, TEXTS, torch_encoder
+from conftest import DOMAINS, TEXTS, torch_encoder, requires_faiss
 from modeling_moebert import MoEBertModel
-from moebert import exports
 from moebert.__main__ import main as moebert_command
+from moebert.encoders.export import cache as exports
+from moebert.encoders.export.cache import load_export_encoder
+from moebert.encoders.export.manifest import ExportError
+from moebert.encoders.export.onnx_runtime import OnnxEncoder
 from moebert.loading import load_moebert, model_fingerprint
-from moebert.export_format import ExportError
-from moebert.exports import load_export_encoder
-from moebert.onnx_export import OnnxEncoder
 
 
 @pytest.fixture(autouse=True)
@@ -43,9 +45,9 @@ def saved_moe(base, folder, domains=("CVD", "COPD"), seed=0, **kwargs):
 
 def real_abstracts(count=12):
     """SYNERGY abstracts of both lengths: most are cut at 256 tokens, some are shorter."""
-    from moebert.collections import shipped_papers
+    from moebert.data.pairs import sample_papers
 
-    return shipped_papers()["text"].head(count).tolist()
+    return sample_papers()["text"].head(count).tolist()
 
 
 def cosines(a, b):
@@ -71,9 +73,11 @@ def test_the_exported_graph_computes_what_the_trained_moe_computes_for_each_doma
 def test_int8_weights_keep_the_vectors_direction(minilm, tmp_path):
     folder = saved_moe(minilm, tmp_path / "moe", moe_layers="top2")
     out = moebert_command(["export", "--model", folder, "--output_dir", str(tmp_path / "int8"), "--domains", "COPD"])
-    graph = onnx.load(str(out / json.loads((out / "onnx_manifest.json").read_text())["graphs"]["COPD"]))
+    graph = onnx.load(str(out / json.loads((out / "export_manifest.json").read_text())["graphs"]["COPD"]))
     operators = {node.op_type for node in graph.graph.node}
-    assert {"QAttention", "MatMulInteger"} <= operators  # fused attention and int8 matrix products
+    assert "MatMulInteger" in operators  # int8 matrix products
+    if Version(onnxruntime.__version__) >= Version("1.32"):  # the pinned one fuses attention, 1.30 does not (warned)
+        assert "QAttention" in operators
     texts = real_abstracts()
     quantized = OnnxEncoder(out, 256, 8).encode(texts, "COPD")
     expected = torch_vectors(folder, texts, "COPD")
@@ -111,7 +115,7 @@ def test_a_missing_graph_or_a_graph_of_another_model_is_refused_in_one_line(tiny
         OnnxEncoder(first, 64, 4).encode(TEXTS, "COPD")
     other = moebert_command(["export", "--model", saved_moe(tiny_bert, tmp_path / "b", seed=1), "--output_dir",
                                str(tmp_path / "export-b"), "--quantize", "none"])
-    graphs = json.loads((first / "onnx_manifest.json").read_text())["graphs"]
+    graphs = json.loads((first / "export_manifest.json").read_text())["graphs"]
     shutil.copy(other / graphs["CVD"], first / graphs["CVD"])  # the same domain's graph, of another model
     with pytest.raises(ExportError, match=r"is not the graph this export made for domain 'CVD' \(its fingerprint differ"):
         OnnxEncoder(first, 64, 4).encode(TEXTS, "CVD")
@@ -128,6 +132,11 @@ def test_what_is_no_moebert_or_no_export_is_refused(tiny_bert, tmp_path):
     with pytest.raises(ExportError, match="is no export of a MoE-BERT"):
         OnnxEncoder(tmp_path, 64, 4)
     assert not (tmp_path / "x").exists()
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "onnx_manifest.json").write_text('{"format": 1}')  # what the first exporter wrote
+    with pytest.raises(ExportError, match=r"old was written by an earlier version of the exporter \(format 1, "
+                                          r"onnx_manifest.json\): export the model again"):
+        load_export_encoder(str(tmp_path / "old"), 64, 4)
 
 
 def test_the_calibrated_probability_is_the_models_own(tiny_bert, tmp_path):
@@ -141,6 +150,7 @@ def test_the_calibrated_probability_is_the_models_own(tiny_bert, tmp_path):
         encoder.cocitation_probability(0.7, "COPD")
 
 
+@requires_faiss
 def test_search_indexes_and_queries_with_the_onnx_backend(tiny_bert, tmp_path):
     from test_search import collection, run_index, run_query
 

@@ -8,20 +8,24 @@ import subprocess
 import sys
 
 import numpy as np
-import openvino
 import pytest
-from conftest import ROOT, TEXTS
+from conftest import ROOT, TEXTS, requires
 from test_onnx import cosines, real_abstracts, saved_moe, torch_vectors
 
 import eval as eval_script
-from moebert import exports
 from moebert.__main__ import main as moebert_command
-from moebert.encoding import EncodingOptions, encoder_of_model
-from moebert.export_format import ExportError
-from moebert.exports import load_export_encoder
+from moebert.data.pairs import SAMPLE_NAME as SHIPPED_SAMPLE
+from moebert.data.pairs import load_domain_dataset
+from moebert.data.pairs import text_sample
+from moebert.encoders.export import cache as exports
+from moebert.encoders.export.cache import load_export_encoder
+from moebert.encoders.export.manifest import ExportError
+from moebert.encoders.export.openvino_runtime import CALIBRATION_TEXTS, OpenVinoEncoder
+from moebert.encoders.loader import encoder_of_model
+from moebert.encoders.options import EncodingOptions
 from moebert.loading import load_moebert
-from moebert.openvino_export import CALIBRATION_TEXTS, SHIPPED_SAMPLE, OpenVinoEncoder, calibration_texts
-from moebert.pair_datasets import load_domain_dataset
+
+pytestmark = requires("openvino", "the OpenVINO backend needs openvino and nncf")
 
 
 @pytest.fixture(autouse=True)
@@ -31,7 +35,9 @@ def export_cache(tmp_path, monkeypatch):
 
 
 def graph_of(folder, domain: str):
-    manifest = json.loads((folder / "onnx_manifest.json").read_text())
+    manifest = json.loads((folder / "export_manifest.json").read_text())
+    import openvino
+
     return openvino.Core().read_model(str(folder / manifest["graphs"][domain]))
 
 
@@ -78,10 +84,10 @@ def train_texts(folder):
 
 def test_a_domain_calibrates_on_its_own_texts_topped_up_from_the_shipped_sample_when_it_has_few():
     large, small = (f"{ROOT}/data/synergy/{d}" for d in ("Jeyaraman_2020", "Sep_2021"))  # 457 and 35 training texts
-    texts, source = calibration_texts("Jeyaraman_2020", large)
+    texts, source = text_sample("Jeyaraman_2020", large, CALIBRATION_TEXTS)
     assert len(texts) == CALIBRATION_TEXTS and set(texts) <= set(train_texts(large)) and source == large
     own = set(train_texts(small))
-    texts, source = calibration_texts("Sep_2021", small)
+    texts, source = text_sample("Sep_2021", small, CALIBRATION_TEXTS)
     assert len(texts) == len(set(texts)) == CALIBRATION_TEXTS and own <= set(texts)
     assert source == f"{small} + {CALIBRATION_TEXTS - len(own)} texts of {SHIPPED_SAMPLE}"
 
@@ -104,7 +110,7 @@ def test_a_graph_of_another_model_is_refused_in_one_line(tiny_bert, tmp_path):
                              str(tmp_path / "export-a"), "--runtime", "openvino", "--quantize", "none"])
     other = moebert_command(["export", "--model", saved_moe(tiny_bert, tmp_path / "b", seed=1), "--output_dir",
                              str(tmp_path / "export-b"), "--runtime", "openvino", "--quantize", "none"])
-    graph = json.loads((first / "onnx_manifest.json").read_text())["graphs"]["CVD"]
+    graph = json.loads((first / "export_manifest.json").read_text())["graphs"]["CVD"]
     for suffix in (".xml", ".bin"):  # the same domain's graph, of another model
         shutil.copy((other / graph).with_suffix(suffix), (first / graph).with_suffix(suffix))
     with pytest.raises(ExportError, match=r"is not the graph this export made for domain 'CVD' \(its fingerprint differ"):
@@ -137,7 +143,7 @@ def test_eval_and_search_run_on_openvino(tiny_bert, tiny_data, tmp_path, export_
 
 def test_nncf_sends_no_usage_data(tmp_path):
     """NNCF reports to Google Analytics unless told not to; outside pytest (which it detects) it is told by us."""
-    probe = ("from moebert.openvino_export import import_nncf; import_nncf(); import nncf.telemetry.wrapper as w; "
+    probe = ("from moebert.encoders.export.openvino_runtime import import_nncf; import_nncf(); import nncf.telemetry.wrapper as w; "
              "print(isinstance(w.telemetry, w.NNCFTelemetry))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNCF_")} | {"HOME": str(tmp_path),
                                                                                 "PYTHONPATH": str(ROOT)}

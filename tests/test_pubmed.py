@@ -6,8 +6,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from moebert.cocitation import BuildOptions, build_pairs, make_graph
-from moebert.pubmed import PubMedClient, PubMedError, fetch_domain
+from moebert.data.cocitation import BuildOptions, build_pairs, make_graph
+from moebert.data.pubmed import PubMedClient, PubMedError, fetch_domain
 
 ARTICLES = {
     "11": ("Heart failure trial", [("BACKGROUND", "Patients with reduced ejection fraction."), ("RESULTS", "Fewer deaths.")]),

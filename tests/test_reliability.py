@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COUNTED_TRAIN, DOMAINS, counted_steps, torch_encoder, workspace_of
+from conftest import COUNTED_TRAIN, DOMAINS, counted_steps, torch_encoder, workspace_of, requires_faiss
+from safetensors import safe_open
 from test_train import run_train
 
-import train
 from configuration_moebert import MoEBertConfig
 from modeling_moebert import MoEBertModel
 from moebert.atomic import recover_folder, replace_folder
-from moebert.training_state import TrainingState
-from moebert.workspace import CheckpointError, Workspace, check_fits, save_model
+from moebert.training.state import CheckpointError, TrainingState
+from moebert.training.workspace import Workspace, check_fits, save_model
+import train
 
 # ------------------------------------------------------------------------------------------------ whole-folder saves
 
@@ -29,8 +30,6 @@ from moebert.workspace import CheckpointError, Workspace, check_fits, save_model
 def model_files(folder):
     """{relative path: content} of every file of a model folder (safetensors files by their tensors and metadata:
     the header's key order varies from one write to the next)."""
-    from safetensors import safe_open
-
     listed = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
     def content(path):
@@ -330,8 +329,6 @@ def test_the_resume_command_keeps_every_flag_but_the_old_resume():
 def local_paths_in(folder, local_prefixes) -> list[str]:
     """Files under `folder` (json, jsonl, md, txt, and the metadata of safetensors files) that name a folder of this
     machine."""
-    from safetensors import safe_open
-
     found = []
     for path in folder.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".jsonl", ".md", ".txt"):
@@ -345,8 +342,9 @@ def local_paths_in(folder, local_prefixes) -> list[str]:
     return found
 
 
-def test_a_model_upcycled_from_a_local_folder_names_its_base_by_name_wherever_it_goes(tiny_bert, tiny_data, tmp_path,
-                                                                                   monkeypatch):
+@requires_faiss
+def test_a_model_upcycled_from_a_local_folder_names_no_base_wherever_it_goes(tiny_bert, tiny_data, tmp_path,
+                                                                           monkeypatch):
     from moebert.__main__ import main as moebert_command
     from huggingface_hub import ModelCard
 
@@ -377,17 +375,51 @@ def test_a_model_upcycled_from_a_local_folder_names_its_base_by_name_wherever_it
     for folder in ("start", "out", "grown", "export"):
         assert not local_paths_in(tmp_path / folder, local), local_paths_in(tmp_path / folder, local)
     assert not local_paths_in(tmp_path, [str(Path(tiny_bert).resolve())])  # the ONC expert file too
-    base = Path(tiny_bert).name
-    assert json.loads((out / "config.json").read_text())["base_model_name_or_path"] == base
-    assert ModelCard.load(out / "README.md").data.base_model == base
+    # the folder's name would pass for a Hub id (or a relative path) that is not there: no base is named at all
+    assert json.loads((out / "config.json").read_text())["base_model_name_or_path"] is None
+    assert ModelCard.load(out / "README.md").data.base_model is None
+    assert "base_model_name_or_path" not in safe_open(out / "experts" / "CVD.safetensors", framework="pt").metadata()
 
 
+def test_the_embedded_base_is_published_by_its_hub_id_or_by_nothing_whichever_way_the_model_was_made(minilm, tmp_path,
+                                                                                                    monkeypatch):
+    from huggingface_hub import ModelCard
+
+    from moebert.__main__ import main as moebert_command
+    from moebert.models.builder import build_model
+    from moebert.names import DEFAULT_BASE_MODEL_ID
+
+    monkeypatch.chdir(tmp_path)
+
+    def published_bases(folder) -> set:
+        names = {json.loads((folder / "config.json").read_text())["base_model_name_or_path"]}
+        names |= {safe_open(f, framework="pt").metadata().get("base_model_name_or_path")
+                  for f in (folder / "experts").glob("*.safetensors")}
+        if (folder / "README.md").is_file():
+            names.add(ModelCard.load(folder / "README.md").data.base_model)
+        return names
+
+    model, tokenizer = MoEBertModel.from_bert(minilm, domains=["CVD"], moe_layers="top2")  # by hand, from its folder
+    model.save_pretrained(tmp_path / "by-hand")
+    model.save_experts(tmp_path / "by-hand" / "experts")
+    assert published_bases(tmp_path / "by-hand") == {None}  # never "model", the folder's last name
+    model.save_expert("CVD", tmp_path / "CVD.safetensors")
+    for base in (minilm, DEFAULT_BASE_MODEL_ID):  # the library knows the folder for the Hub id it ships
+        built, _ = build_model(base, ["CVD"], moe_layers="top2")
+        assert built.config.base_model_name_or_path == DEFAULT_BASE_MODEL_ID and built.config.max_seq_length == 256
+        composed = tmp_path / f"composed-{len(base)}"
+        moebert_command(["compose", "--base", base, "--expert", str(tmp_path / "CVD.safetensors"), "--output_dir",
+                         str(composed)])
+        assert published_bases(composed) == {DEFAULT_BASE_MODEL_ID}
+
+
+@requires_faiss
 def test_no_published_file_names_a_folder_of_this_machine(tiny_data, tmp_path, monkeypatch):
     import pandas as pd
 
     import search
     from moebert.names import DEFAULT_BASE_MODEL_ID, default_base_model
-    from moebert.search_index import PaperIndex, SearchError
+    from moebert.search.index import PaperIndex, SearchError
 
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")  # every path below is absolute, outside the working directory
@@ -437,7 +469,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_checkpoint_to_resu
 
     steps = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--checkpoints_total_limit", "0"]
     run_train(tiny_bert, tiny_data, tmp_path / "straight", *steps)
-    from moebert import workspace
+    from moebert.training import workspace
 
     save_model = workspace.save_model
 
@@ -569,6 +601,7 @@ def test_bad_rows_of_a_citation_graph_are_named_or_counted(tmp_path, capsys):
     assert {k: graph_counts()[k] - clean[k] for k in counted} == counted
 
 
+@requires_faiss
 def test_an_empty_query_is_refused_in_one_line(tiny_bert, tmp_path, capsys):
     import pandas as pd
 

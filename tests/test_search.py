@@ -4,14 +4,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import collection
+from conftest import collection, requires_faiss
 
-import search
 from modeling_moebert import MoEBertModel
-from moebert import search_index
-from moebert.collections import shipped_papers
-from moebert.domain_classifier import DomainClassifier, domain_vectorizer, held_out_accuracy
-from moebert.pair_datasets import SAMPLE_DIR
+from moebert.data.pairs import SAMPLE_DIR
+from moebert.data.pairs import sample_papers
+from moebert.search import index as search_index
+from moebert.search.domain_classifier import DomainClassifier, domain_vectorizer, held_out_accuracy
+import search
 
 
 def run_index(papers_file, model, out, *extra):
@@ -23,6 +23,7 @@ def run_query(out, *extra):
     return search.main(["query", "--index", str(out), "--max_seq_length", "32", "--device", "cpu", *extra])
 
 
+@requires_faiss
 def test_index_then_query_finds_each_paper_itself_with_and_without_a_domain(moe_folder, tmp_path, capsys):
     papers = collection(12)
     papers.to_csv(tmp_path / "papers.csv.gz", index=False)  # compressed, as shipped
@@ -40,6 +41,7 @@ def test_index_then_query_finds_each_paper_itself_with_and_without_a_domain(moe_
     assert printed["hits"][0]["id"] == "CVD-0" and len(printed["hits"]) == 2 and printed["domain_probability"] > 0.5
 
 
+@requires_faiss
 def test_the_same_text_in_another_domain_is_embedded_by_that_domains_expert(moe_folder, tmp_path):
     papers = collection(3)
     papers.loc[len(papers)] = {"id": "twin", "text": papers["text"][0], "domain": "COPD"}
@@ -49,6 +51,7 @@ def test_the_same_text_in_another_domain_is_embedded_by_that_domains_expert(moe_
     assert result["hits"][0]["id"] == "twin"
 
 
+@requires_faiss
 def test_an_interrupted_index_resumes_from_its_chunks(moe_folder, tmp_path, monkeypatch):
     collection(10).to_csv(tmp_path / "papers.csv", index=False)
     embed, calls = search_index.embed, []
@@ -69,6 +72,7 @@ def test_an_interrupted_index_resumes_from_its_chunks(moe_folder, tmp_path, monk
     assert search_index.PaperIndex.load(tmp_path / "index").papers["id"].tolist() == collection(10)["id"].tolist()
 
 
+@requires_faiss
 def test_add_appends_papers_and_a_rerun_without_add_refuses_another_collection(moe_folder, tmp_path):
     collection(6).to_csv(tmp_path / "first.csv", index=False)
     more = collection(3, start=100)
@@ -84,6 +88,7 @@ def test_add_appends_papers_and_a_rerun_without_add_refuses_another_collection(m
     assert again["papers"] == 18
 
 
+@requires_faiss
 def test_a_wrong_model_or_an_unknown_domain_is_refused_in_one_line(moe_folder, tiny_bert, tmp_path):
     collection(4).to_csv(tmp_path / "papers.csv", index=False)
     run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index")
@@ -121,7 +126,7 @@ def test_the_domain_classifier_is_stored_without_pickle_and_predicts_held_out_pa
 def test_two_domain_probabilities_are_the_regressions_own():
     from sklearn.linear_model import LogisticRegression
 
-    papers = shipped_papers()
+    papers = sample_papers()
     papers = papers[papers.domain.isin(["Oud_2018", "Chou_2004"])].iloc[::4]
     texts, domains = papers["text"].tolist(), papers["domain"].tolist()
     classifier = DomainClassifier.fit(texts[20:], domains[20:])
@@ -134,11 +139,12 @@ def test_two_domain_probabilities_are_the_regressions_own():
 
 
 def test_the_shipped_collection_is_every_synergy_paper_once():
-    papers = shipped_papers()
+    papers = sample_papers()
     assert papers["id"].is_unique and set(papers["domain"]) == {p.name for p in SAMPLE_DIR.iterdir() if p.is_dir()}
     assert len(papers) > 1000 and (papers["text"].str.len() > 0).all()
 
 
+@requires_faiss
 def test_an_ivfpq_index_is_built_searched_and_refused_when_too_small(moe_folder, tmp_path):
     small = collection(5)
     small.to_csv(tmp_path / "small.csv", index=False)
@@ -157,6 +163,7 @@ def test_an_ivfpq_index_is_built_searched_and_refused_when_too_small(moe_folder,
     assert "CVD-7" in [hit["id"] for hit in compressed["hits"]]  # approximate: near the top, not always first
 
 
+@requires_faiss
 def test_ivfpq_candidates_are_rescored_exactly_from_the_stored_vectors(moe_folder, tmp_path):
     papers = collection(150)
     papers.to_csv(tmp_path / "papers.csv", index=False)
@@ -175,3 +182,15 @@ def test_ivfpq_candidates_are_rescored_exactly_from_the_stored_vectors(moe_folde
         chunk.unlink()
     with pytest.raises(SystemExit, match="holds 256 vectors but the index 300: .* query with --rerank 0"):
         run_query(tmp_path / "index", "--text", "heart", "--domain", "CVD")
+
+
+def test_search_without_faiss_is_refused_in_one_line_before_any_work(moe_folder, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as where faiss-cpu is not installed: import faiss fails
+    collection(3).to_csv(tmp_path / "papers.csv", index=False)
+    with pytest.raises(SystemExit, match=r"^error: search needs FAISS, which is not installed here: pip install "
+                                         r"faiss-cpu"):
+        search.main(["index", "--papers", str(tmp_path / "papers.csv"), "--model", moe_folder, "--output_dir",
+                     str(tmp_path / "index"), "--max_seq_length", "16", "--device", "cpu"])
+    assert not (tmp_path / "index").exists()  # refused before a chunk was embedded

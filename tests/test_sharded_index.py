@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, collection
+from conftest import ROOT, collection, requires_faiss
 
-from moebert.search_index import PaperIndex
+from moebert.search.index import PaperIndex
 
 
 def index_with(processes: int, papers, model, out, *extra, script="search.py", env=None):
@@ -49,6 +49,7 @@ def papers(tmp_path):
     return papers
 
 
+@requires_faiss
 def test_two_processes_build_the_index_one_process_builds(moe_folder, papers, tmp_path):
     one = index_with(1, tmp_path / "papers.csv", moe_folder, tmp_path / "one")
     two = index_with(2, tmp_path / "papers.csv", moe_folder, tmp_path / "two")
@@ -61,6 +62,7 @@ def test_two_processes_build_the_index_one_process_builds(moe_folder, papers, tm
     assert "process 1 of 2: encoded 3 chunks (0 were done before)" in two.stderr  # 7 chunks dealt out in turn
 
 
+@requires_faiss
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)])
 def test_a_build_stopped_part_way_resumes_with_another_number_of_processes(moe_folder, papers, tmp_path, first,
                                                                            then):
@@ -85,7 +87,7 @@ def test_a_build_stopped_part_way_resumes_with_another_number_of_processes(moe_f
 def test_processes_that_do_not_share_the_output_folder_are_refused(moe_folder, papers, tmp_path, monkeypatch):
     from accelerate import PartialState
 
-    from moebert.search_index import SearchError, check_shared_folder
+    from moebert.search.index import SearchError, check_shared_folder
 
     class Elsewhere:  # process 1 of 2, on a machine whose disk does not hold what process 0 wrote
         num_processes, process_index, is_main_process = 2, 1, False
@@ -104,8 +106,10 @@ def test_processes_that_do_not_share_the_output_folder_are_refused(moe_folder, p
     check_shared_folder(tmp_path, PartialState())
 
 
+@requires_faiss
 def test_processes_launched_without_forming_a_group_are_refused(moe_folder, papers, tmp_path):
-    alone = index_with(2, tmp_path / "papers.csv", moe_folder, tmp_path / "out", env={"ACCELERATE_USE_CPU": None})
+    alone = index_with(2, tmp_path / "papers.csv", moe_folder, tmp_path / "out",  # on a machine without GPUs
+                       env={"ACCELERATE_USE_CPU": None, "CUDA_VISIBLE_DEVICES": ""})
     assert alone.returncode != 0
     assert "error: 2 processes were launched but Accelerate sees 1" in alone.stderr + alone.stdout
     assert not (tmp_path / "out" / "chunks").exists()  # nothing written by processes that each thought they were alone

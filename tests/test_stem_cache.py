@@ -1,17 +1,18 @@
-"""Stored stem states (moebert.stem_states): exact reuse, never stale, and the cheaper training step they give."""
+"""Stored stem states (moebert.training.stem_states): exact reuse, never stale, and the cheaper training step they give."""
 
 import numpy as np
 import pytest
 import torch
 from conftest import DOMAINS, TEXTS
 
-import train
 from modeling_moebert import MoEBertModel
-from moebert import stem_states
-from moebert.batches import make_collate
-from moebert.losses import backward_step
-from moebert.selection import BestExperts, BestModel
-from moebert.workspace import CheckpointError
+from moebert.training import stem_states
+from moebert.training.batches import make_collate
+from moebert.training.losses import backward_step
+from moebert.training.selection import BestExperts, BestModel
+from moebert.training.setup import make_optimizer
+from moebert.training.state import CheckpointError
+import train
 
 INPUTS = [(d, t) for d in range(3) for t in TEXTS]  # the same texts under 3 domain tokens: 15 different stems
 
@@ -32,7 +33,7 @@ def open_states(model, tokenizer, folder, inputs=INPUTS, max_seq_length=32, mixe
 
 
 def test_stored_states_are_what_a_forward_pass_computes(upper_moe, tmp_path):
-    from moebert.encoders import StemEncoder, TransformerEncoder
+    from moebert.encoders.transformer import StemEncoder, TransformerEncoder
 
     model, tokenizer = upper_moe
     stems = open_states(model, tokenizer, tmp_path)
@@ -128,7 +129,7 @@ def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_
 
     model, tokenizer = upper_moe  # eval mode: no dropout, so both steps are deterministic
     args = train.parse_args(["--recipe", "quick", "--no-mask_false_negatives", "--stem_cache_dir", str(tmp_path)])
-    train.make_optimizer(model, args)  # experts only
+    make_optimizer(model, args.learning_rate, args.weight_decay, args.train_experts_only)  # experts only
     stems = open_states(model, tokenizer, tmp_path, INPUTS[:10])
     accelerator = Accelerator(cpu=True)
 

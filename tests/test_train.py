@@ -3,20 +3,26 @@ import math
 import re
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+from accelerate.data_loader import BatchSamplerShard
 from conftest import COUNTED_TRAIN, TEXTS, counted_steps, torch_encoder, workspace_of
 from safetensors.torch import load_file
 
-import train
-import moebert.hub
-from moebert import losses, model_card, recipes, training_setup
+from moebert.data.pairs import load_domain_datasets
+from moebert.encoders.transformer import ShardedEncoder
+from moebert.models import card as model_card
+from moebert.models.builder import build_model
+import moebert.models.hub
 from moebert.names import default_base_model
-from moebert.batches import DomainBatchSampler, draw_hard_negatives, make_collate, training_pairs
-from moebert.encoders import ShardedEncoder
-from moebert.pair_datasets import load_domain_datasets
+from moebert.training import losses, recipes
+from moebert.training import setup as training_setup
+from moebert.training.batches import DomainBatchSampler, draw_hard_negatives, make_collate, training_pairs
+from moebert.training.recipes import RECIPES
+import train
 
 
 def test_mnr_loss_against_a_hand_computation():
@@ -111,7 +117,7 @@ def test_hard_negatives_join_the_candidates_of_a_and_known_partners_are_masked()
 def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data, dropout, hard_negatives):
     from accelerate import Accelerator
 
-    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model, tokenizer = build_model(tiny_bert, ["CVD", "COPD"], RECIPES["quick"]["moe_layers"])
     model.train(dropout)
     datasets = load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")})
     pairs, known = training_pairs(datasets, ["CVD", "COPD"], hard_negatives)
@@ -198,7 +204,7 @@ def run_train(tiny_bert, data, output_dir, *extra):
 def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModel
 
-    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model, tokenizer = build_model(tiny_bert, ["CVD", "COPD"], RECIPES["quick"]["moe_layers"])
     collate = make_collate(model, tokenizer, 32)
     pairs, _ = training_pairs({"CVD": load_domain_datasets({"CVD": str(tiny_data / "CVD")})["CVD"]}, ["CVD", "COPD"])
     batch = collate([pairs[i] for i in range(len(pairs))])
@@ -224,7 +230,7 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
 def test_attention_dropout_reaches_every_attention_block_and_the_saved_config(tiny_bert, tiny_data, tmp_path):
     from transformers import AutoModel
 
-    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", tiny_bert]), ["CVD", "COPD"])
+    model, tokenizer = build_model(tiny_bert, ["CVD", "COPD"], RECIPES["quick"]["moe_layers"])
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
@@ -375,8 +381,11 @@ def test_two_process_cpu_run_saves_checkpoints_that_automodel_loads(tiny_bert, t
     from transformers import AutoModel, AutoTokenizer
 
     result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {"ACCELERATE_USE_CPU": "true"},
-                                  "--no-select_experts_per_domain")  # the final model is then the last step's
+                                  "--no-select_experts_per_domain",  # the final model is then the last step's
+                                  "--per_device_train_batch_size", "3")  # 4 pairs a domain: one smaller batch each
     assert result.returncode == 0, result.stderr[-3000:]
+    # the library's message about it comes once, from the main process, though both processes build the sampler
+    assert result.stderr.count("have fewer train pairs") == 1 and "[RANK 0] --batching domain: " in result.stderr
     checkpoint = tmp_path / "out-workspace" / "checkpoint-2"
     assert {"random_states_0.pkl", "random_states_1.pkl"} <= {p.name for p in checkpoint.iterdir()}
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out", trust_remote_code=True)
@@ -415,12 +424,17 @@ def test_two_processes_resume_where_their_checkpoint_stopped(tiny_bert, tiny_dat
 
 
 def test_processes_that_do_not_form_a_group_are_refused(tiny_bert, tiny_data, tmp_path):
-    result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {})
+    # a machine without GPUs (on a GPU host, --multi_gpu processes would form an NCCL group on the GPUs)
+    result = launch_two_processes(tiny_bert, tiny_data, tmp_path / "out", {"CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode != 0
     assert "2 processes were launched but Accelerate sees 1" in result.stderr + result.stdout
 
 
-def test_domain_batches_hold_one_domain_per_global_batch(capsys):
+def test_domain_batches_hold_one_domain_per_global_batch(caplog):
+    from accelerate import PartialState
+
+    PartialState(cpu=True)  # the training modules log through accelerate, as under train.py
+    caplog.set_level("INFO", logger="moebert")
     domain_ids = [0] * 10 + [1] * 7 + [2] * 4
     sampler = DomainBatchSampler(domain_ids, batch_size=2, num_processes=2, seed=1)
     batches = list(sampler)
@@ -435,11 +449,16 @@ def test_domain_batches_hold_one_domain_per_global_batch(capsys):
     # global batches of 8: domain 0 gives one, domains 1 and 2 have fewer pairs and give one smaller batch each
     # (6 of domain 1's 7, a multiple of the 2 processes; all 4 of domain 2), and the run says so
     sampler = DomainBatchSampler(domain_ids, batch_size=4, num_processes=2, seed=1)
-    assert "domain ids [1, 2] have fewer train pairs ([7, 4]) than one global batch (4 x 2 processes)" in capsys.readouterr().out
+    assert "domain ids [1, 2] have fewer train pairs ([7, 4]) than one global batch (4 x 2 processes)" in caplog.text
     batches = list(sampler)
     assert sorted(len(b) for b in batches) == [2, 2, 3, 3, 4, 4] and len(sampler) == 6
     for first, second in zip(batches[::2], batches[1::2]):
         assert len(first) == len(second) and len({domain_ids[i] for i in first + second}) == 1
+    # accelerate deals them out as they come, the smaller ones too: each process its share, the same count
+    for rank in (0, 1):
+        for even in (True, False):
+            shard = BatchSamplerShard(sampler, num_processes=2, process_index=rank, even_batches=even)
+            assert list(shard) == batches[rank::2] and len(shard) == 3
 
 
 def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_data, tmp_path):
@@ -498,7 +517,7 @@ def test_train_and_eval_route_each_domain_to_its_own_expert(tiny_bert, tiny_data
 
 def test_best_model_is_kept_and_training_stops_when_valid_stops_improving(tiny_bert, tiny_data, tmp_path, monkeypatch):
     scores = iter([0.50, 0.60, 0.55, 0.52, 0.90, 0.90])  # steps 0 (untrained), 1, 2, 3, ...
-    monkeypatch.setattr(train, "evaluate", lambda *args: {"mean": {"roc_auc": next(scores)}, "all": {}})
+    monkeypatch.setattr(train, "validate", lambda *args: ({"mean": {"roc_auc": next(scores)}, "all": {}}, {}))
     out = tmp_path / "out"
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "6", "--eval_steps", "1", "--checkpointing_steps",
                      "1", "--checkpoints_total_limit", "0", "--early_stopping_patience", "2", "--load_best_model_at_end",
@@ -580,7 +599,7 @@ def test_a_failing_hub_costs_nothing_local(tiny_bert, tiny_data, tmp_path):
         result = run_train_process(tiny_bert, tiny_data, out, hub, "--checkpointing_steps", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "failed 3 times" in result.stderr and "The local copy in" in result.stderr
-    assert "pushed to" not in result.stdout and "pushes to lab/moebert-test did not arrive" in result.stderr
+    assert "pushed to" not in result.stderr and "pushes to lab/moebert-test did not arrive" in result.stderr
     pushes_tried = result.stderr.count("failed 3 times")  # a push that waited is replaced by a newer one, untried
     assert pushes_tried >= 1 and hub.requests.count(("POST", "/api/repos/create")) == 3 * pushes_tried  # each 3 times
     assert {"checkpoint-1", "checkpoint-2"} <= {p.name for p in workspace_of(out).iterdir()}
@@ -612,9 +631,11 @@ def test_the_recipe_follows_the_device(monkeypatch, cuda, mps, use_cpu, recipe):
     monkeypatch.setattr(recipes.torch.cuda, "get_device_name", lambda *a: "Fake GPU")
     monkeypatch.setattr(recipes.torch.backends.mps, "is_available", lambda: mps)
     monkeypatch.setenv("ACCELERATE_USE_CPU", use_cpu)
-    monkeypatch.setattr(train, "bf16_is_native", lambda device: True)  # no real CUDA to ask
+    monkeypatch.setattr(train, "bf16_is_native", lambda device: device == "cuda")  # no real CUDA to ask; a CPU without
     args = train.parse_args([])
     assert args.recipe == recipe
+    # CPU processes on a GPU host (ACCELERATE_USE_CPU) run at the CPU's precision, not the GPU's bf16
+    assert args.mixed_precision == ("bf16" if recipe == "full" else "no")
     expected = {"quick": "no CUDA or MPS" if not use_cpu else "ACCELERATE_USE_CPU", "full": "Fake GPU" if cuda else "MPS"}
     assert expected[recipe] in args.recipe_record["reason"]
     assert (args.train_experts_only, args.num_train_epochs) == ((True, None) if recipe == "quick" else (False, 1))
@@ -648,11 +669,11 @@ def test_the_final_model_is_assembled_from_each_domains_best_expert(tiny_bert, t
     # valid ROC-AUC per evaluation (steps 0..4, then the assembled model): CVD peaks at step 2, COPD never beats step 0
     scores = iter([(0.5, 0.5), (0.6, 0.4), (0.7, 0.45), (0.65, 0.3), (0.62, 0.2), (0.7, 0.5)])
 
-    def evaluate(*args):
+    def validate(*args):  # the metrics, and no scores to fit a calibration on
         cvd, copd = next(scores)
-        return {"CVD": {"roc_auc": cvd}, "COPD": {"roc_auc": copd}, "mean": {"roc_auc": (cvd + copd) / 2}, "all": {}}
+        return {"CVD": {"roc_auc": cvd}, "COPD": {"roc_auc": copd}, "mean": {"roc_auc": (cvd + copd) / 2}, "all": {}}, {}
 
-    monkeypatch.setattr(train, "evaluate", evaluate)
+    monkeypatch.setattr(train, "validate", validate)
     out = tmp_path / "out"
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", "4", "--eval_steps", "1",
                      "--checkpointing_steps", "1", "--checkpoints_total_limit", "0")
@@ -678,15 +699,27 @@ def test_push_to_hub_needs_a_repo_id_and_the_network(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--recipe", "quick", "--push_to_hub"])
     assert "--push_to_hub needs --hub_model_id ORG/NAME" in capsys.readouterr().err
-    monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SystemExit):
         train.parse_args(["--recipe", "quick", "--push_to_hub", "--hub_model_id", "lab/x"])
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
 
 
+def logged(caplog) -> tuple[str, str]:
+    """(the library's messages below warning, its warnings) so far: what show_logs writes to stderr."""
+    said = [(r.levelno, r.getMessage()) for r in caplog.records if r.name.startswith("moebert")]
+    return ("\n".join(m for level, m in said if level < 30), "\n".join(m for level, m in said if level >= 30))
+
+
+@pytest.fixture
+def hub_log(caplog):
+    caplog.set_level("INFO", logger="moebert")
+    return caplog
+
+
 @pytest.mark.parametrize("failures", [2, 5])
-def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp_path, capsys, failures):
-    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging", backoff_s=0)
+def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp_path, hub_log, failures):
+    pusher = moebert.models.hub.HubPusher("lab/moebert-test", tmp_path / "staging", backoff_s=0)
     calls = {"create": 0, "upload": 0}
 
     def create_repo(*args, **kwargs):
@@ -701,7 +734,7 @@ def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp
     (tmp_path / "model.safetensors").write_text("step 1")
     pusher.push(tmp_path, "", "step 1", ["model.safetensors"])
     pusher.finish()
-    out, err = capsys.readouterr()
+    out, err = logged(hub_log)
     if failures == 2:  # the third try goes through
         assert calls == {"create": 3, "upload": 1} and "warning" not in err and "pushed to" in out
     else:
@@ -711,11 +744,11 @@ def test_a_failing_push_is_tried_three_times_and_reported_with_what_happened(tmp
     assert (tmp_path / "model.safetensors").read_text() == "step 1"
 
 
-def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
-    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
+def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, hub_log):
+    pusher = moebert.models.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
     pusher.push(tmp_path, "", "step 1", ["no-such-file.safetensors"])  # raises nothing
     pusher.finish()
-    out, err = capsys.readouterr()
+    out, err = logged(hub_log)
     assert "not pushing 'step 1': cannot stage" in err and "1 pushes to lab/moebert-test did not arrive" in err
     assert "pushed to" not in out
     assert not list((tmp_path / "staging").glob("*"))
@@ -724,7 +757,7 @@ def test_a_push_that_cannot_be_staged_is_skipped_not_fatal(tmp_path, capsys):
 def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_path):
     import threading
 
-    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher = moebert.models.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
     started, release, sent = threading.Event(), threading.Event(), []
 
     def upload_folder(folder_path, commit_message, **kwargs):
@@ -745,11 +778,11 @@ def test_a_newer_push_replaces_one_still_waiting_and_snapshots_are_removed(tmp_p
     assert (tmp_path / "model.safetensors").read_text() == "step 3"  # local files untouched
 
 
-def test_after_a_stop_queued_uploads_are_awaited_for_a_bounded_time(tmp_path, capsys):
+def test_after_a_stop_queued_uploads_are_awaited_for_a_bounded_time(tmp_path, hub_log):
     import threading
     import time
 
-    pusher = moebert.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
+    pusher = moebert.models.hub.HubPusher("lab/moebert-test", tmp_path / "staging")
     release = threading.Event()
     pusher.api.create_repo = lambda *args, **kwargs: None
     pusher.api.upload_folder = lambda **kwargs: release.wait(30)  # a network that hangs
@@ -758,8 +791,7 @@ def test_after_a_stop_queued_uploads_are_awaited_for_a_bounded_time(tmp_path, ca
     started = time.monotonic()
     pusher.finish(completed=False, timeout=0.5)
     assert time.monotonic() - started < 5  # it did not wait for the hung upload
-    err = capsys.readouterr().err
-    assert "1 uploads to lab/moebert-test were still under way after 0.5 s and are abandoned" in err
+    assert "1 uploads to lab/moebert-test were still under way after 0.5 s and are abandoned" in logged(hub_log)[1]
     release.set()
 
 
@@ -776,15 +808,15 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
 
     crash_on_the_second_step.calls = 0
     with FakeHub() as hub:
-        hf_api = moebert.hub.HfApi
-        monkeypatch.setattr(moebert.hub, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
+        hf_api = moebert.models.hub.HfApi
+        monkeypatch.setattr(moebert.models.hub, "HfApi", lambda token=None: hf_api(endpoint=hub.endpoint, token=token))
         monkeypatch.setattr(train, "backward_step", crash_on_the_second_step)  # after step 1's checkpoint is queued
-        monkeypatch.setattr(train.constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
         with pytest.raises(RuntimeError, match="out of memory"):
             run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2", "--checkpointing_steps", "1",
                       "--push_to_hub", "--hub_model_id", "lab/moebert-test", "--hub_token", "hf_test")
     assert "model.safetensors" in hub.repos["lab/moebert-test"]["files"]  # step 1's model arrived
-    printed = capsys.readouterr().out
+    printed = capsys.readouterr().err  # the library's messages, as train.py shows them
     assert "pushed to" not in printed  # training did not finish: no claim that the model was pushed
     assert "uploads queued before training stopped arrived" in printed and "the final model was not pushed" in printed
 
@@ -792,13 +824,13 @@ def test_uploads_queued_before_a_crash_are_still_sent(tiny_bert, tiny_data, tmp_
 def test_the_embedded_base_is_recorded_by_its_hub_id_and_still_grows_offline(tmp_path):
     from moebert.names import DEFAULT_BASE_MODEL_ID
 
-    model, tokenizer = train.load_model(train.parse_args(["--recipe", "quick"]), ["CVD"])
+    model, tokenizer = build_model(default_base_model(), ["CVD"], RECIPES["quick"]["moe_layers"])
     assert model.config.base_model_name_or_path == DEFAULT_BASE_MODEL_ID  # not a site-packages folder
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     assert str(default_base_model()) not in (tmp_path / "config.json").read_text()
     # continuing it with a new domain (HF_HUB_OFFLINE=1): the new expert starts from the embedded base's blocks
-    grown, _ = train.load_model(train.parse_args(["--recipe", "quick", "--model_name_or_path", str(tmp_path)]), ["CVD", "ONC"])
+    grown, _ = build_model(str(tmp_path), ["CVD", "ONC"], RECIPES["quick"]["moe_layers"])
     cvd, onc = (grown.expert_state(grown.config.expert_of_domain(i)) for i in (0, 1))
     for key, tensor in cvd.items():
         torch.testing.assert_close(onc[key.replace(".experts.0.", ".experts.1.")], tensor, atol=0, rtol=0)
@@ -812,7 +844,8 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
     run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "2")
     card = ModelCard.load(tmp_path / "out" / "README.md")
     state = json.loads((tmp_path / "out" / "training_state.json").read_text())
-    assert card.data.base_model == Path(tiny_bert).name  # a local folder by its name only: no path of this machine
+    assert card.data.base_model is None  # a local folder: neither its path nor its name, which passes for a Hub id
+    assert "the feed-forward blocks of a local BERT" in card.text
     assert card.data.library_name == "sentence-transformers"
     assert card.data.pipeline_tag == "sentence-similarity" and "moebert" in card.data.tags
     results = {(r.dataset_config, r.metric_type): r.metric_value for r in card.data.eval_results}
@@ -821,7 +854,7 @@ def test_the_model_card_carries_hub_metadata_usage_and_valid_results(tiny_bert, 
         assert results[(domain, "roc_auc")] == round(state["metrics"][domain]["roc_auc"], 4)
     assert 'prompt_name="CVD"' in card.text and "model.prepend_domain_token" in card.text and "Hallee" in card.text
     assert "model.cocitation_probability(cosine" in card.text  # train.py calibrates every model it saves
-    assert "of tiny-bert0 (layers 2, 3 of 4) copied into one" in card.text.replace("`", "")
+    assert "of a local BERT (layers 2, 3 of 4) copied into one" in card.text
 
 
 def test_the_card_names_the_licence_of_the_embedded_base():
@@ -837,7 +870,7 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_bert, ti
     class SetUp(Exception):
         pass
 
-    def stop(model, args):
+    def stop(model, *args):
         raise SetUp
 
     grads, expert_calls = [], []
@@ -846,8 +879,8 @@ def test_gradient_checkpointing_recomputes_and_keeps_the_gradients(tiny_bert, ti
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        monkeypatch.setattr(train, "load_model", lambda args, domains: (model, tokenizer))
-        monkeypatch.setattr(train, "make_optimizer", stop)
+        monkeypatch.setattr(train, "build_model", lambda *args: (model, tokenizer))
+        monkeypatch.setattr(training_setup, "make_optimizer", stop)
         with pytest.raises(SetUp):  # stop train() right after it has set the model up
             run_train(tiny_bert, tiny_data, tmp_path / "out", *flags)
         calls = [0]
@@ -893,8 +926,8 @@ def test_the_process_group_waits_as_long_as_ddp_timeout(monkeypatch):
 def test_validation_is_shared_between_processes_and_every_process_gets_every_vector(tiny_moe, monkeypatch):
     from types import SimpleNamespace
 
-    from moebert import encoders
-    from moebert.encoders import TransformerEncoder
+    from moebert.encoders import transformer as encoders
+    from moebert.encoders.transformer import TransformerEncoder
 
     model, tokenizer = tiny_moe
     encoder = TransformerEncoder(model, tokenizer, 32, 2)

@@ -1,0 +1,34 @@
+"""What a training run sets up on its model (made by moebert.models.builder): its attention dropout, the optimizer
+over the weights that train, and whether DDP must look for parameters a step leaves without gradient."""
+
+import torch
+from transformers.models.bert.modeling_bert import BertSelfAttention
+
+
+def set_attention_dropout(model, probability: float):
+    """In the config (saved with the model) and in every attention block already built."""
+    model.config.attention_probs_dropout_prob = probability
+    for module in model.modules():
+        if isinstance(module, BertSelfAttention):
+            module.dropout.p = probability
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float, experts_only: bool) -> torch.optim.AdamW:
+    """AdamW over the weights that train (the experts alone with `experts_only`: the rest frozen), without weight
+    decay on biases and LayerNorm weights."""
+    if experts_only:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = ".experts." in name
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in trained if not n.endswith(no_decay)], "weight_decay": weight_decay},
+        {"params": [p for n, p in trained if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=learning_rate)
+
+
+def experts_can_miss_a_step(model) -> bool:
+    """Whether a trained parameter can get no gradient in a step (an expert no token of the batch was routed to):
+    only then must DDP search the graph for unused parameters, which costs every step."""
+    return model.config.num_experts > 1 and any(p.requires_grad for n, p in model.named_parameters() if ".experts." in n)
