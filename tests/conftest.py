@@ -28,6 +28,12 @@ from moebert.names import default_base_model as minilm_path  # noqa: E402
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
 
 
+def python_path() -> str:
+    """PYTHONPATH for a subprocess that imports the repository as a script would: the root first, and whatever the
+    environment already had after it (a GPU image's carried packages live there: replacing it loses them)."""
+    return os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+
 def needs_shared(path: Path):
     """Skip a test whose input from ../shared is not beside this checkout, unless MOEBERT_REQUIRE_SHARED is set
     (.ci/run sets it where ../shared is there): then a missing input fails the run instead of skipping silently."""

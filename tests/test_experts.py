@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, TEXTS, torch_encoder
+from conftest import ROOT, TEXTS, torch_encoder, python_path
 from fake_hub import FakeHub
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
@@ -26,7 +26,7 @@ def hub_env(hub, tmp_path, offline=False) -> dict:
 
 def run(command: list[str], env: dict, cwd=ROOT) -> subprocess.CompletedProcess:
     command = [str(ROOT / c) if c.endswith(".py") else c for c in command]
-    result = subprocess.run([sys.executable, *command], env=env | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+    result = subprocess.run([sys.executable, *command], env=env | {"PYTHONPATH": python_path()}, capture_output=True,
                             text=True, timeout=300, cwd=cwd)
     assert result.returncode == 0, result.stderr[-3000:]
     return result

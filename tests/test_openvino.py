@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, TEXTS, requires
+from conftest import ROOT, TEXTS, requires, python_path
 from test_onnx import cosines, real_abstracts, saved_moe, torch_vectors
 
 import eval as eval_script
@@ -146,7 +146,7 @@ def test_nncf_sends_no_usage_data(tmp_path):
     probe = ("from moebert.encoders.export.openvino_runtime import import_nncf; import_nncf(); import nncf.telemetry.wrapper as w; "
              "print(isinstance(w.telemetry, w.NNCFTelemetry))")
     env = {k: v for k, v in os.environ.items() if not k.startswith("NNCF_")} | {"HOME": str(tmp_path),
-                                                                                "PYTHONPATH": str(ROOT)}
+                                                                                "PYTHONPATH": python_path()}
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "False"  # NNCF's stub, which sends nothing

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from conftest import ROOT, collection, requires_faiss
+from conftest import ROOT, collection, requires_faiss, python_path
 
 from moebert.search.index import PaperIndex
 
@@ -20,7 +20,7 @@ def index_with(processes: int, papers, model, out, *extra, script="search.py", e
     command = [*launch, str(ROOT / "tests" / script if script != "search.py" else ROOT / script), "index",
                "--papers", str(papers), "--model", model, "--output_dir", str(out), "--max_seq_length", "32",
                "--chunk_size", "5", *extra]
-    environment = os.environ | {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": str(ROOT)} | (env or {})
+    environment = os.environ | {"HF_HUB_OFFLINE": "1", "ACCELERATE_USE_CPU": "true", "PYTHONPATH": python_path()} | (env or {})
     environment = {k: v for k, v in environment.items() if v is not None}  # None: not set
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
