@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+SAMPLES = ("synergy", "citeseer")  # the samples rebuilt from ../shared
+
+
 def build(args, options: BuildOptions) -> dict:
     if args.command == "graph":
         provenance = {"kind": "graph", "papers": public_name(args.papers), "citations": public_name(args.citations)}
@@ -88,6 +91,9 @@ def main(argv=None):
         summary = build(args, options)
     except ValueError as error:  # bad input: one line that names it, no stack trace
         args.parser.error(str(error))
+    except FileNotFoundError as error:  # a table, or ../shared, that is not there
+        where = " (../shared is not beside this checkout: pass --source DIR)" if args.command in SAMPLES else ""
+        args.parser.error(f"{error.filename}: no such file{where}")
     print(f"{format_summary(summary)}\n\nwritten to {args.output_dir}/")
     if args.push_to_hub:
         address = push_to_hub(args.output_dir, json.loads(json.dumps(summary, default=str)), args.push_to_hub,

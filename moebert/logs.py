@@ -10,9 +10,12 @@ CONSOLE = "moebert-console"  # the name of the handler show_logs installs
 
 
 def show_logs(level: int = logging.INFO):
-    """Write the library's messages of `level` and above to stderr (the stderr of now: a second call rebinds it)."""
+    """Write the library's messages of `level` and above to stderr (the stderr of now: a second call rebinds it), and
+    only there: a library that configures the root logger (onnxruntime's quantizer does, on import) would repeat
+    each of them in its own format."""
     logger = logging.getLogger("moebert")
     logger.setLevel(level)
+    logger.propagate = False
     for handler in [h for h in logger.handlers if h.get_name() == CONSOLE]:
         logger.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)

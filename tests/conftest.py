@@ -1,5 +1,6 @@
 import atexit
 import importlib.util
+import logging
 import os
 import shutil
 import signal
@@ -23,6 +24,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
 from modeling_moebert import MoEBertModel  # noqa: E402
 from moebert.encoders.loader import load_encoder
 from moebert.encoders.options import EncodingOptions  # noqa: E402
+from moebert.logs import CONSOLE  # noqa: E402
 from moebert.names import default_base_model as minilm_path  # noqa: E402
 
 DOMAINS = ["CVD", "COPD", "SKIN", "PARA", "AUTO"]
@@ -56,6 +58,17 @@ def requires(package: str, why: str):
 
 
 requires_faiss = requires("faiss", "search builds and queries its index with FAISS (faiss-cpu)")
+
+
+@pytest.fixture(autouse=True)
+def library_logs_as_the_library_leaves_them():
+    """A script's `show_logs()` (a test that runs main()) makes the `moebert` logger its own: the next test starts from
+    the library's defaults, its messages reaching pytest's caplog."""
+    yield
+    logger = logging.getLogger("moebert")
+    logger.propagate, logger.level = True, logging.NOTSET
+    for handler in [h for h in logger.handlers if h.get_name() == CONSOLE]:
+        logger.removeHandler(handler)
 
 
 @pytest.fixture(autouse=True)

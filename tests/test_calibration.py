@@ -231,11 +231,13 @@ def test_fit_calibration_skips_a_one_class_domain_and_fits_the_others():
 
 def test_a_refit_keeps_the_maps_of_the_domains_it_did_not_score():
     labels = np.repeat([0, 1], 20)
-    kept = {"method": "platt", "fitted_on": "valid", "parameters": {"SKIN": [2.0, 1.0], "CVD": [1.0, 0.0]}}
-    refit = fit_calibration({"CVD": {"valid": (np.linspace(0, 1, 40), labels)}}, kept=kept)
+    kept = {"method": "platt", "fitted_on": "valid", "parameters": {"SKIN": [2.0, 1.0], "CVD": [1.0, 0.0], "ONE": [3.0, 0.0]}}
+    refit = fit_calibration({"CVD": {"valid": (np.linspace(0, 1, 40), labels)},
+                             "ONE": {"valid": (np.linspace(0, 1, 4), np.ones(4, dtype=int))}}, kept=kept)
     assert refit["parameters"]["SKIN"] == [2.0, 1.0]  # its expert did not change
+    assert "ONE" not in refit["parameters"]  # scored again, one class only: its old map no longer fits its expert
     assert refit["parameters"]["CVD"] == pytest.approx(list(fit_platt(np.linspace(0, 1, 40), labels)))
-    assert kept["parameters"] == {"SKIN": [2.0, 1.0], "CVD": [1.0, 0.0]}  # the old map is left as it was
+    assert kept["parameters"] == {"SKIN": [2.0, 1.0], "CVD": [1.0, 0.0], "ONE": [3.0, 0.0]}  # left as it was
 
 
 def test_validating_changes_nothing_the_calibration_is_a_step_of_its_own(calibrated_moe, tmp_path):

@@ -279,6 +279,22 @@ def test_a_missing_shared_input_fails_where_shared_is_required(tmp_path, monkeyp
     assert outcome.type is (pytest.fail.Exception if required else pytest.skip.Exception)
 
 
+@pytest.mark.parametrize("command", ["synergy", "graph"])
+def test_a_missing_input_of_a_build_is_named_in_one_line(tmp_path, capsys, command):
+    from data.build import main
+
+    missing = tmp_path / "nowhere"
+    argv = ([command, "--source", str(missing), "--output_dir", str(tmp_path / "out")] if command == "synergy" else
+            [command, "--papers", str(missing / "papers.csv"), "--citations", str(missing / "c.csv"), "--output_dir",
+             str(tmp_path / "out")])
+    with pytest.raises(SystemExit):
+        main(argv)
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    hint = " (../shared is not beside this checkout: pass --source DIR)" if command == "synergy" else ""
+    assert last.endswith(f"{missing}/papers{'.csv.gz' if command == 'synergy' else '.csv'}: no such file{hint}")
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 

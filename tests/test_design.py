@@ -174,3 +174,21 @@ def test_no_text_length_is_hard_coded_outside_the_recipes():
             if "length" in named and numbers:
                 found.append(f"{name}:{node.lineno}: {ast.unparse(node)[:80]}")
     assert not found
+
+
+def test_a_script_shows_each_library_message_once_on_stderr_whatever_configured_the_root_logger(capsys):
+    import io
+    import logging
+
+    from moebert.logs import show_logs
+
+    elsewhere = io.StringIO()
+    root = logging.getLogger()
+    handler = logging.StreamHandler(elsewhere)  # as onnxruntime's quantizer's logging.basicConfig leaves the root
+    root.addHandler(handler)
+    try:
+        show_logs()
+        logging.getLogger("moebert.search.index").info("3594 papers in search_index/")
+    finally:
+        root.removeHandler(handler)
+    assert capsys.readouterr().err == "3594 papers in search_index/\n" and elsewhere.getvalue() == ""

@@ -148,6 +148,24 @@ def test_cached_loss_gives_the_gradients_of_the_whole_batch(tiny_bert, tiny_data
         torch.testing.assert_close(cached[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
+def test_a_cached_step_on_the_cpu_leaves_cuda_alone_where_gpus_are_visible(tiny_bert, tiny_data, monkeypatch):
+    from accelerate import Accelerator
+
+    model, tokenizer = build_model(tiny_bert, ["CVD", "COPD"], RECIPES["quick"]["moe_layers"])
+    pairs, known = training_pairs(load_domain_datasets({d: str(tiny_data / d) for d in ("CVD", "COPD")}), ["CVD", "COPD"])
+    batch = make_collate(model, tokenizer, 32)([pairs[i] for i in range(len(pairs))])
+    accelerator = Accelerator(cpu=True)  # CPU processes, as ACCELERATE_USE_CPU makes them on a GPU host
+
+    def touched(*args, **kwargs):
+        raise AssertionError("a CPU step touched CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name in ("get_rng_state", "get_rng_state_all", "set_rng_state", "set_rng_state_all"):
+        monkeypatch.setattr(torch.cuda, name, touched)
+    model.train()
+    assert losses.backward_step(model, batch, accelerator, known, 20.0, cached_mini_batch_size=3) > 0
+
+
 def _gathered_loss_worker(rank, port, out):
     import os
 

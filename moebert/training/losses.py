@@ -124,15 +124,15 @@ def cached_backward_step(model, batch, accelerator, ignore, scale: float, mini_b
     rng_states, embeddings = [], []
     with torch.no_grad():
         for rows in chunks:
-            rng_states.append(rng_state())
+            rng_states.append(rng_state(accelerator.device))
             embeddings.append(embed_sides(model, batch, rows))
     cached = [None if e[0] is None else torch.cat(e).float().requires_grad_() for e in zip(*embeddings)]
     loss = multiple_negatives_ranking_loss(*cached[:2], scale, accelerator, ignore, cached[2])
     loss.backward()  # only as far as the embeddings
-    after = rng_state()
+    after = rng_state(accelerator.device)
     starts = np.cumsum([0] + [len(e[2]) if e[2] is not None else 0 for e in embeddings])
     for n, (rows, state) in enumerate(zip(chunks, rng_states)):
-        set_rng_state(state)
+        set_rng_state(state, accelerator.device)
         last = n == len(chunks) - 1
         # gradients are all-reduced once, on the last mini-batch of a step that syncs
         with contextlib.nullcontext() if last and accelerator.sync_gradients else accelerator.no_sync(model):
@@ -141,15 +141,17 @@ def cached_backward_step(model, batch, accelerator, ignore, scale: float, mini_b
             if hard is not None:
                 surrogate = surrogate + (hard.float() * cached[2].grad[starts[n] : starts[n + 1]]).sum()
             accelerator.backward(surrogate)
-    set_rng_state(after)
+    set_rng_state(after, accelerator.device)
     return loss.detach()
 
 
-def rng_state() -> tuple:
-    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+def rng_state(device: torch.device) -> tuple:
+    """The random state dropout draws from on `device`: the CPU's, and a CUDA device's own. A step on the CPU leaves
+    CUDA alone, also where GPUs are visible (CPU processes on a GPU host would each open a context on every GPU)."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def set_rng_state(state: tuple):
+def set_rng_state(state: tuple, device: torch.device):
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+        torch.cuda.set_rng_state(state[1], device)
