@@ -171,7 +171,8 @@ def test_bootstrap_gains_are_written_and_printed(tmp_path, capsys):
     assert "--reference 'nosuchmodel' is not one of the models" in capsys.readouterr().err
 
 
-def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, capsys):
+def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, caplog):
+    caplog.set_level("INFO", logger="moebert")
     cpuinfo = tmp_path / "cpuinfo"
     real_path = device.Path
     monkeypatch.setattr(device, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real_path(p))
@@ -179,7 +180,7 @@ def test_bf16_is_used_only_where_it_is_native(monkeypatch, tmp_path, capsys):
     assert not device.bf16_is_native("cpu")
     with device.autocast("cpu", "auto"):
         assert not device.torch.is_autocast_enabled("cpu")
-    assert "encoding in fp32: bf16 is not native on cpu" in capsys.readouterr().err
+    assert "encoding in fp32: bf16 is not native on cpu" in caplog.text
     cpuinfo.write_text("flags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n")
     assert device.bf16_is_native("cpu")
     with device.autocast("cpu", "auto"):
