@@ -75,8 +75,9 @@ def save_expert_file(model, domain: str, path, fingerprint: str | None = None):
         "intermediate_size": str(config.intermediate_size),
         "shared_weights": fingerprint or shared_weights_fingerprint(model),
     }
-    if public_model_name(config.base_model_name_or_path):  # a local folder is named by nothing rather than wrongly
-        metadata["base_model_name_or_path"] = public_model_name(config.base_model_name_or_path)
+    base = public_model_name(config.base_model_name_or_path)
+    if base:  # a local folder is named by nothing rather than wrongly
+        metadata["base_model_name_or_path"] = base
     parameters = (config.calibration or {}).get("parameters", {})
     if domain in parameters:
         details = {k: v for k, v in config.calibration.items() if k != "parameters"}

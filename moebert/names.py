@@ -32,7 +32,7 @@ def public_name(name_or_path: str | None) -> str | None:
     if not names_a_local_folder(name_or_path):
         return name_or_path
     path = Path(name_or_path).resolve()
-    if path == Path(default_base_model()).resolve():
+    if is_embedded_base(path):
         return DEFAULT_BASE_MODEL_ID
     if cached_repo_id(str(path)):
         return cached_repo_id(str(path))
@@ -45,9 +45,14 @@ def public_base_name(name_or_path: str | None) -> str | None:
     """How config.json, expert files and model cards name the base a MoE-BERT was upcycled from: a Hub id, or none
     (None) for a local folder that is not the embedded base nor a Hugging Face cache snapshot (see
     configuration_moebert.public_model_name)."""
-    if name_or_path and Path(name_or_path).exists() and Path(name_or_path).resolve() == Path(default_base_model()).resolve():
+    if name_or_path and is_embedded_base(name_or_path):
         return DEFAULT_BASE_MODEL_ID
     return public_model_name(name_or_path)
+
+
+def is_embedded_base(path) -> bool:
+    """Whether a path is the folder the embedded base is shipped in."""
+    return Path(path).resolve() == Path(default_base_model()).resolve()
 
 
 def public_arg(value):
