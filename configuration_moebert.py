@@ -1,4 +1,5 @@
-"""MoE-BERT configuration: a BERT configuration plus the domains, their experts and the routing."""
+"""MoE-BERT configuration: a BERT configuration (holding the base's settings, whichever its kind) plus the domains,
+their experts and the routing."""
 
 import os
 from pathlib import Path
@@ -36,6 +37,12 @@ def cached_repo_id(path: str) -> str | None:
     None for any other path."""
     cached = next((part for part in Path(path).resolve().parts if part.startswith(("models--", "datasets--"))), None)
     return "/".join(cached.split("--")[1:]) if cached else None
+
+
+def usable_positions(model_type: str, max_position_embeddings: int) -> int:
+    """The tokens an encoder of this kind can take: RoBERTa's and MPNet's positions start after the padding index (1),
+    so two of their position embeddings are never a token's."""
+    return max_position_embeddings - (2 if model_type in ("roberta", "mpnet") else 0)
 
 
 def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
@@ -84,7 +91,10 @@ class MoEBertConfig(BertConfig):
         routing_mode (`"sentence"` or `"token"`): one expert per sequence (from `domain_ids` or the domain token
             after `[CLS]`), or one expert per token taken from `token_type_ids`.
         pooling (`"mean"` or `"cls"`): how `pooler_output` is made from the last hidden states.
-        base_model_name_or_path (`str`, *optional*): the BERT checkpoint the experts were copied from (saved by its
+        base_model_type (`str`): the kind of encoder upcycled, `"bert"`, `"roberta"` or `"mpnet"`: the embeddings and
+            attention the model builds (`modeling_moebert.BASE_ARCHITECTURES`); the other BERT fields hold its base's
+            settings (an MPNet's `relative_attention_num_buckets` too).
+        base_model_name_or_path (`str`, *optional*): the checkpoint the experts were copied from (saved by its
             Hub id, or not at all for a local folder: see `public_model_name`).
         max_seq_length (`int`, *optional*): the length in tokens the model was trained at (train.py records it; an
             upcycled model starts with its base's); texts are truncated there by default (`sequence_length`).
@@ -106,6 +116,7 @@ class MoEBertConfig(BertConfig):
         moe_layers="all",
         routing_mode="sentence",
         pooling="mean",
+        base_model_type="bert",
         base_model_name_or_path=None,
         max_seq_length=None,
         calibration=None,
@@ -122,6 +133,7 @@ class MoEBertConfig(BertConfig):
         self.moe_layers = resolve_moe_layers(moe_layers, self.num_hidden_layers)
         self.routing_mode = routing_mode
         self.pooling = pooling
+        self.base_model_type = base_model_type
         self.base_model_name_or_path = base_model_name_or_path
         self.max_seq_length = max_seq_length
         self.calibration = calibration
@@ -181,8 +193,10 @@ class MoEBertConfig(BertConfig):
         return [f"{self.domain_tokens[self.domain_index(d)]} {t}" for t, d in zip(texts, domains, strict=True)]
 
     def sequence_length(self) -> int:
-        """The tokens a text is truncated to: the length the model was trained at, within its position limit."""
-        return min(self.max_seq_length or self.max_position_embeddings, self.max_position_embeddings)
+        """The tokens a text is truncated to: the length the model was trained at, within its position limit (for
+        RoBERTa and MPNet two fewer than they have: `usable_positions`)."""
+        usable = usable_positions(self.base_model_type, self.max_position_embeddings)
+        return min(self.max_seq_length or usable, usable)
 
     def cocitation_probability(self, cosine, domain: str) -> torch.Tensor:
         """The probability that two texts of `domain` whose embeddings have this cosine similarity are co-cited:

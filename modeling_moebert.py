@@ -1,8 +1,13 @@
-"""MoE-BERT: a BERT encoder whose feed-forward blocks are split into one expert per domain.
+"""MoE-BERT: a BERT-pattern encoder (BERT, RoBERTa, MPNet) whose feed-forward blocks are split into one expert per
+domain.
 
 Routing is enforced, not learned: the domain of a sequence (its `domain_ids`, or the domain token right after
 `[CLS]`) picks one expert for every token of it, or, in token routing mode, `token_type_ids` pick an expert per
-token. Each token runs through exactly one expert, so a forward pass costs what the dense BERT costs.
+token. Each token runs through exactly one expert, so a forward pass costs what the dense encoder costs.
+
+One model class serves every kind of base: the kinds differ in their embeddings and attention alone (MPNet adds a
+relative position bias to every layer's attention), which `BASE_ARCHITECTURES` names and the model builds from its
+config's `base_model_type`; routing, experts, upcycling and saving are the same code for all of them.
 
 This file imports only torch, transformers and its configuration module, so the Hub can serve it with
 `trust_remote_code=True`.
@@ -16,7 +21,18 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    MPNetConfig,
+    MPNetModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaModel,
+)
+from transformers import initialization as init
 from transformers.initialization import no_init_weights
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -28,6 +44,8 @@ from transformers.models.bert.modeling_bert import (
     BertLayer,
     BertPreTrainedModel,
 )
+from transformers.models.mpnet.modeling_mpnet import MPNetAttention, MPNetEmbeddings, MPNetEncoder, MPNetLayer
+from transformers.models.roberta.modeling_roberta import RobertaAttention, RobertaEmbeddings, RobertaLayer
 from transformers.utils import logging
 
 try:
@@ -37,7 +55,44 @@ except ImportError:  # imported as top-level modules from a source checkout rath
     from configuration_moebert import MoEBertConfig, default_domain_token
     from experts_moebert import load_expert_file, save_expert_file, save_expert_files
 
-# A dense BERT parameter that an MoE layer holds per expert, and its name inside the MoE layer.
+
+@dataclass(frozen=True)
+class BaseArchitecture:
+    """What a MoE-BERT reuses of one kind of dense encoder, whose layers are attention then a BERT feed-forward block
+    (`intermediate.dense`, `output.dense`, `output.LayerNorm`): its classes, and how its modules differ from BERT's."""
+
+    config_class: type[PretrainedConfig]
+    model_class: type[PreTrainedModel]
+    embeddings: type[nn.Module]
+    attention: type[nn.Module]
+    layer: type[nn.Module]
+    takes_layer_idx: bool = True  # its attention and layers are built with their index (BERT, RoBERTa)
+    relative_position_bias: bool = False  # MPNet: one bias per forward pass, added in every layer's attention to
+    # scores that take an additive mask (its attention has no SDPA path)
+
+    def build(self, module: type[nn.Module], config, layer_idx: int) -> nn.Module:
+        return module(config, layer_idx=layer_idx) if self.takes_layer_idx else module(config)
+
+
+BASE_ARCHITECTURES = {
+    "bert": BaseArchitecture(BertConfig, BertModel, BertEmbeddings, BertAttention, BertLayer),
+    "roberta": BaseArchitecture(RobertaConfig, RobertaModel, RobertaEmbeddings, RobertaAttention, RobertaLayer),
+    "mpnet": BaseArchitecture(MPNetConfig, MPNetModel, MPNetEmbeddings, MPNetAttention, MPNetLayer,
+                              takes_layer_idx=False, relative_position_bias=True),
+}
+
+
+def base_architecture(model_type: str) -> BaseArchitecture:
+    if model_type not in BASE_ARCHITECTURES:
+        raise ValueError(
+            f"a {model_type!r} model cannot be upcycled: MoE-BERT upcycles encoders whose layers hold a BERT "
+            f"feed-forward block, model_type one of {sorted(BASE_ARCHITECTURES)} (e.g. bert-base-uncased, "
+            "sentence-transformers/all-mpnet-base-v2, roberta-base)."
+        )
+    return BASE_ARCHITECTURES[model_type]
+
+
+# A dense parameter that an MoE layer holds per expert, and its name inside the MoE layer.
 _DENSE_TO_MOE = {
     "intermediate.dense": "experts.{expert}.intermediate.dense",
     "output.dense": "experts.{expert}.output",
@@ -47,7 +102,7 @@ _DENSE_FFN_KEY = re.compile(r"^encoder\.layer\.(\d+)\.(intermediate\.dense|outpu
 
 
 class MoEBertExpert(nn.Module):
-    """One domain's copy of a BERT feed-forward block: up-projection, activation, down-projection."""
+    """One domain's copy of a (BERT pattern) feed-forward block: up-projection, activation, down-projection."""
 
     def __init__(self, config):
         super().__init__()
@@ -181,17 +236,19 @@ class DomainRouter:
 
 
 class MoEBertLayer(GradientCheckpointingLayer):
-    """A BERT layer whose feed-forward block is one expert per domain; attention and LayerNorm are shared."""
+    """A layer of the base's kind whose feed-forward block is one expert per domain; attention and LayerNorm are
+    shared."""
 
     def __init__(self, config, layer_idx=None):
         super().__init__()
-        self.attention = BertAttention(config, layer_idx=layer_idx)
+        architecture = base_architecture(config.base_model_type)
+        self.attention = architecture.build(architecture.attention, config, layer_idx)
         self.experts = nn.ModuleList(MoEBertExpert(config) for _ in range(config.num_experts))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
     def forward(self, hidden_states, attention_mask=None, routing: ExpertRouting = None, **kwargs):
-        attention_output, _ = self.attention(hidden_states, attention_mask, **kwargs)
+        attention_output = self.attention(hidden_states, attention_mask, **kwargs)[0]
         return self.feed_forward(attention_output, routing)
 
     def feed_forward(self, attention_output, routing: ExpertRouting) -> torch.Tensor:
@@ -202,13 +259,19 @@ class MoEBertLayer(GradientCheckpointingLayer):
 class MoEBertEncoder(nn.Module):
     def __init__(self, config):
         super().__init__()
+        architecture = base_architecture(config.base_model_type)
         self.first_moe_layer = min(config.moe_layers)
         self.layer = nn.ModuleList(
-            MoEBertLayer(config, layer_idx=i) if i in config.moe_layers else BertLayer(config, layer_idx=i)
+            MoEBertLayer(config, layer_idx=i) if i in config.moe_layers
+            else architecture.build(architecture.layer, config, i)
             for i in range(config.num_hidden_layers)
         )
+        if architecture.relative_position_bias:  # MPNet's, under its name there
+            buckets, heads = config.relative_attention_num_buckets, config.num_attention_heads
+            self.relative_attention_bias = nn.Embedding(buckets, heads)
 
     def forward(self, hidden_states, attention_mask, routing, output_hidden_states=False, **kwargs):
+        kwargs |= self.attention_inputs(hidden_states)
         all_hidden_states = (hidden_states,) if output_hidden_states else None
         for layer in self.layer:
             hidden_states = self._run(layer, hidden_states, attention_mask, routing, **kwargs)
@@ -218,39 +281,62 @@ class MoEBertEncoder(nn.Module):
 
     def stem(self, hidden_states, attention_mask, **kwargs) -> torch.Tensor:
         """The layers below the first MoE layer and that layer's attention: shared weights only, no routing."""
+        kwargs |= self.attention_inputs(hidden_states)
         for layer in self.layer[: self.first_moe_layer]:
-            hidden_states = layer(hidden_states, attention_mask, **kwargs)
+            hidden_states = self._run(layer, hidden_states, attention_mask, None, **kwargs)
         return self.layer[self.first_moe_layer].attention(hidden_states, attention_mask, **kwargs)[0]
 
     def from_stem(self, stem_states, attention_mask, routing, **kwargs) -> torch.Tensor:
         """The rest of `forward` after `stem`: the first MoE layer's experts and every layer above."""
+        kwargs |= self.attention_inputs(stem_states)
         hidden_states = self.layer[self.first_moe_layer].feed_forward(stem_states, routing)
         for layer in self.layer[self.first_moe_layer + 1 :]:
             hidden_states = self._run(layer, hidden_states, attention_mask, routing, **kwargs)
         return hidden_states
 
+    def attention_inputs(self, hidden_states) -> dict:
+        """What every layer's attention takes besides the states and the mask: MPNet's relative position bias,
+        `(1, heads, length, length)`, computed as MPNetEncoder computes it (its 32 buckets) and broadcast over the
+        batch; nothing for the other kinds."""
+        if not hasattr(self, "relative_attention_bias"):
+            return {}
+        positions = torch.arange(hidden_states.shape[1], device=hidden_states.device)
+        buckets = MPNetEncoder.relative_position_bucket(positions[None, :] - positions[:, None])
+        return {"position_bias": self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)}
+
     @staticmethod
     def _run(layer, hidden_states, attention_mask, routing, **kwargs):
         if isinstance(layer, MoEBertLayer):
             return layer(hidden_states, attention_mask, routing=routing, **kwargs)
-        return layer(hidden_states, attention_mask, **kwargs)
+        output = layer(hidden_states, attention_mask, **kwargs)
+        return output if isinstance(output, torch.Tensor) else output[0]  # MPNet's layers return a tuple
 
 
 class MoEBertPreTrainedModel(BertPreTrainedModel):
     config_class = MoEBertConfig
     config: MoEBertConfig
     base_model_prefix = "moebert"
-    _no_split_modules = ["BertEmbeddings", "BertLayer", "MoEBertLayer"]
+    _no_split_modules = ["BertEmbeddings", "BertLayer", "RobertaEmbeddings", "RobertaLayer", "MPNetEmbeddings",
+                         "MPNetLayer", "MoEBertLayer"]
     _can_record_outputs = None
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, (RobertaEmbeddings, MPNetEmbeddings)):  # their index buffers, as BERT's are
+            init.copy_(module.position_ids, torch.arange(module.position_ids.shape[-1]).expand((1, -1)))
+            if hasattr(module, "token_type_ids"):
+                init.zeros_(module.token_type_ids)
 
 
 class MoEBertModel(MoEBertPreTrainedModel):
-    """BERT encoder with domain experts. Returns `last_hidden_state` and a pooled sentence embedding
-    (`pooler_output`: mean over non-padding tokens by default)."""
+    """A BERT-pattern encoder (`config.base_model_type`: BERT, RoBERTa or MPNet) with domain experts. Returns
+    `last_hidden_state` and a pooled sentence embedding (`pooler_output`: mean over non-padding tokens by default)."""
 
     def __init__(self, config: MoEBertConfig):
         super().__init__(config)
-        self.embeddings = BertEmbeddings(config)
+        self.architecture = base_architecture(config.base_model_type)
+        self.embeddings = self.architecture.embeddings(config)
         self.encoder = MoEBertEncoder(config)
         self.post_init()
 
@@ -309,16 +395,12 @@ class MoEBertModel(MoEBertPreTrainedModel):
             embedding_output = self.embeddings(
                 input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds
             )
-            extended_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-            )
+            extended_mask = self.attention_mask_for(embedding_output, attention_mask)
             sequence_output, all_hidden_states = self.encoder(
                 embedding_output, extended_mask, routing, output_hidden_states=output_hidden_states, **kwargs
             )
         else:
-            extended_mask = create_bidirectional_mask(
-                config=self.config, inputs_embeds=stem_states, attention_mask=attention_mask
-            )
+            extended_mask = self.attention_mask_for(stem_states, attention_mask)
             sequence_output, all_hidden_states = self.encoder.from_stem(stem_states, extended_mask, routing, **kwargs), None
         pooled_output = self.pool(sequence_output, attention_mask)
         if sorted_by_domain is not None:  # back to the caller's order
@@ -338,16 +420,25 @@ class MoEBertModel(MoEBertPreTrainedModel):
         which then computes exactly what a forward pass from `input_ids` computes (in eval mode: dropout inside
         the stem is not drawn again)."""
         embedding_output = self.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds)
-        extended_mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=embedding_output, attention_mask=attention_mask
-        )
-        return self.encoder.stem(embedding_output, extended_mask)
+        return self.encoder.stem(embedding_output, self.attention_mask_for(embedding_output, attention_mask))
+
+    def attention_mask_for(self, states: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The mask the base's attention takes: the one of the attention implementation in use, or for MPNet (whose
+        attention adds its mask to the scores) 0 on tokens, the dtype's minimum on padding."""
+        if not self.architecture.relative_position_bias:
+            return create_bidirectional_mask(config=self.config, inputs_embeds=states, attention_mask=attention_mask)
+        if attention_mask is None:
+            return None
+        padding = 1.0 - attention_mask[:, None, None, :].to(states.dtype)
+        return padding * torch.finfo(states.dtype).min
 
     def stem_parameters(self) -> list[tuple[str, torch.Tensor]]:
         """The named parameters and buffers `stem_states` reads: what a stored stem state depends on."""
         first = self.encoder.first_moe_layer
         modules = [("embeddings", self.embeddings)] + [(f"encoder.layer.{i}", self.encoder.layer[i]) for i in range(first)]
         modules.append((f"encoder.layer.{first}.attention", self.encoder.layer[first].attention))
+        if hasattr(self.encoder, "relative_attention_bias"):  # MPNet: every attention of the stem adds it
+            modules.append(("encoder.relative_attention_bias", self.encoder.relative_attention_bias))
         return [(f"{prefix}.{name}", tensor) for prefix, module in modules for name, tensor in module.state_dict().items()]
 
     def pool(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -405,30 +496,32 @@ class MoEBertModel(MoEBertPreTrainedModel):
         domain_tokens: list[str] | None = None,
         **from_pretrained_kwargs,
     ):
-        """Upcycle a dense BERT checkpoint (local folder or Hub id) into a MoE-BERT.
+        """Upcycle a dense checkpoint (local folder or Hub id) of a BERT-pattern encoder, BERT, RoBERTa or MPNet
+        (`BASE_ARCHITECTURES`), into a MoE-BERT of that kind.
 
         Every chosen layer's feed-forward block is copied into one expert per domain; embeddings, attention and
         LayerNorms are shared. The domain tokens are added to the tokenizer, their embedding rows start as copies
-        of `[CLS]`. Right after this call every expert computes exactly what the base model computed.
+        of its first token (`[CLS]`, `<s>`). Right after this call every expert computes exactly what the base model
+        computed.
 
         Returns `(model, tokenizer)`.
         """
-        config_dict, _ = BertConfig.get_config_dict(model_name_or_path, **from_pretrained_kwargs)
+        config_dict, _ = PretrainedConfig.get_config_dict(model_name_or_path, **from_pretrained_kwargs)
         model_type = config_dict.get("model_type")
         if model_type == MoEBertConfig.model_type:
             raise ValueError(
                 f"{model_name_or_path} is already a MoE-BERT: load it with "
                 "AutoModel.from_pretrained(path, trust_remote_code=True), and grow it with add_domain()."
             )
-        if model_type != "bert":
-            raise ValueError(
-                f"{model_name_or_path} is a {model_type!r} model: MoE-BERT upcycles BERT checkpoints "
-                "(model_type 'bert', e.g. bert-base-uncased, allenai/scibert_scivocab_uncased)."
-            )
+        try:
+            architecture = base_architecture(model_type)
+        except ValueError as error:
+            raise ValueError(f"{model_name_or_path}: {error}") from None
         tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **from_pretrained_kwargs)
-        base = _load_dense_bert(model_name_or_path, **from_pretrained_kwargs)
+        base = _load_dense_encoder(architecture, model_name_or_path, **from_pretrained_kwargs)
         config = MoEBertConfig(
-            **_bert_fields(base.config),
+            **_base_fields(base.config),
+            base_model_type=model_type,
             domains=domains,
             domain_tokens=domain_tokens,
             num_experts=num_experts,
@@ -467,10 +560,13 @@ class MoEBertModel(MoEBertPreTrainedModel):
             embeddings[token_ids] = embeddings[tokenizer.cls_token_id].clone()
         return token_ids
 
-    def extract_expert(self, domain: str) -> BertModel:
-        """A plain `transformers.BertModel` equal to this model restricted to one domain (no custom code needed)."""
+    def extract_expert(self, domain: str) -> PreTrainedModel:
+        """A plain model of the base's kind (`transformers.BertModel`, `MPNetModel`, ...) equal to this model
+        restricted to one domain (no custom code needed)."""
         expert = self.config.expert_of_domain(self.config.domain_index(domain))
-        dense = BertModel(BertConfig(**_bert_fields(self.config)), add_pooling_layer=False)
+        config_class = self.architecture.config_class
+        dense_config = config_class(**_base_fields(self.config, config_class))
+        dense = self.architecture.model_class(dense_config, add_pooling_layer=False)
         state = self.state_dict()
         dense.load_state_dict({k: state[self.moe_key(k, expert)].clone() for k in dense.state_dict()})
         return dense.to(self.device, self.dtype).eval()
@@ -509,7 +605,7 @@ class MoEBertModel(MoEBertPreTrainedModel):
                 f"({', '.join(self.config.domains)}) or the base's folder or Hub id."
             )
         try:
-            return _load_dense_bert(path).state_dict()
+            return _load_dense_encoder(self.architecture, path).state_dict()
         except OSError as error:  # a base recorded by its folder's name only, or no network
             raise ValueError(
                 f"the base {path!r} to copy the new expert from cannot be loaded ({str(error).splitlines()[0]}): pass "
@@ -586,28 +682,31 @@ def _rows(tensor: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor | No
     return tensor.index_select(0, index)
 
 
-def _load_dense_bert(model_name_or_path, **from_pretrained_kwargs) -> BertModel:
-    """The encoder of a BERT checkpoint; any pretraining heads in it are left behind on purpose, but a missing
-    encoder weight is an error rather than a silently random tensor."""
+def _load_dense_encoder(architecture: BaseArchitecture, model_name_or_path, **from_pretrained_kwargs):
+    """The encoder of a dense checkpoint of the architecture's kind; any pretraining heads in it are left behind on
+    purpose, but a missing encoder weight is an error rather than a silently random tensor."""
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the load report would list the unused heads as if something were wrong
     try:
-        model, info = BertModel.from_pretrained(
+        model, info = architecture.model_class.from_pretrained(
             model_name_or_path, add_pooling_layer=False, output_loading_info=True, **from_pretrained_kwargs
         )
     finally:
         logging.set_verbosity(verbosity)
     problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "error_msgs") and v}
     if problems:
-        raise ValueError(f"{model_name_or_path} is not a complete BERT encoder checkpoint: {problems}")
+        kind = architecture.model_class.__name__
+        raise ValueError(f"{model_name_or_path} is not a complete {kind} checkpoint (its encoder): {problems}")
     return model
 
 
-def _bert_fields(config) -> dict:
-    """The plain BERT fields of a configuration, without model type, MoE fields or bookkeeping."""
+def _base_fields(config, kind: type[PretrainedConfig] | None = None) -> dict:
+    """The dense fields of a configuration (only those a `kind` configuration has, when given), without model type,
+    MoE fields or bookkeeping."""
     drop = {"model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype"}
     drop |= set(MoEBertConfig().to_dict()) - set(BertConfig().to_dict())
-    return {k: v for k, v in config.to_dict().items() if k not in drop}
+    fields = {k: v for k, v in config.to_dict().items() if k not in drop}
+    return fields if kind is None else {k: v for k, v in fields.items() if k in kind().to_dict()}
 
 
 def _dense_ffn_keys(config) -> list[str]:

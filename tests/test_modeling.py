@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DOMAINS, ROOT, TEXTS
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, RobertaConfig
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, GPT2Config
 
 from benchmarks.naive_routing import naive_routing
 from configuration_moebert import MoEBertConfig
@@ -156,15 +156,15 @@ def test_moe_layers_middle_keeps_other_layers_dense(tiny_bert):
     assert kinds == ["BertLayer", "BertLayer", "MoEBertLayer", "BertLayer"]
 
 
-def test_from_bert_refuses_non_bert_and_moebert(tiny_moe, tmp_path):
+def test_from_bert_refuses_other_kinds_and_moebert(tiny_moe, tmp_path):
     model, tokenizer = tiny_moe
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="already a MoE-BERT"):
         MoEBertModel.from_bert(str(tmp_path), domains=["X"])
-    RobertaConfig().save_pretrained(tmp_path / "roberta")
-    with pytest.raises(ValueError, match="is a 'roberta' model: MoE-BERT upcycles BERT checkpoints"):
-        MoEBertModel.from_bert(str(tmp_path / "roberta"), domains=["X"])
+    GPT2Config().save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="a 'gpt2' model cannot be upcycled: .* model_type one of \\['bert', 'mpnet', 'roberta'\\]"):
+        MoEBertModel.from_bert(str(tmp_path / "gpt2"), domains=["X"])
 
 
 def test_a_saved_tokenizer_is_a_stock_bert_tokenizer(tiny_moe, tmp_path):
@@ -611,7 +611,7 @@ def test_from_bert_refuses_a_checkpoint_with_missing_encoder_weights(tiny_bert, 
     state = load_file(tmp_path / "model.safetensors")
     del state["encoder.layer.1.output.dense.weight"]
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="not a complete BERT encoder checkpoint.*encoder.layer.1.output.dense.weight"):
+    with pytest.raises(ValueError, match="not a complete BertModel checkpoint.*encoder.layer.1.output.dense.weight"):
         MoEBertModel.from_bert(str(tmp_path), domains=DOMAINS)
 
 

@@ -12,13 +12,16 @@ from moebert.encoders.interface import Encoder
 from moebert.encoders.options import EXPORTED, EncodingOptions
 from moebert.encoders.transformer import TransformerEncoder
 from moebert.loading import is_moebert, load_transformer, max_seq_length_of
+from moebert.names import local_copy
 
 
 def load_encoder(spec: str, options: EncodingOptions, trust_remote_code: bool = False) -> Encoder:
     """`tfidf`; an export of a MoE-BERT, or with an exported backend a MoE-BERT itself; a MoE-BERT; a
-    sentence-transformers model (has modules.json); else any encoder, mean-pooled."""
+    sentence-transformers model (has modules.json); else any encoder, mean-pooled. A base shipped as a PyPI package
+    (moebert.names.OFFLINE_COPIES) loads by its Hub id from its local folder."""
     from transformers.utils import cached_file
 
+    spec = local_copy(spec)
     if spec == "tfidf":
         return TfidfEncoder()
     if is_export(spec) or (options.runtime in EXPORTED and is_moebert(spec)):
