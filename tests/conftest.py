@@ -132,10 +132,11 @@ def tiny_mpnet(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_roberta(tmp_path_factory) -> str:
-    """A randomly initialised 4-layer RoBERTa (hidden 32) with the MiniLM tokenizer, saved as a local checkpoint."""
+    """A randomly initialised 4-layer RoBERTa (hidden 32) with the MiniLM tokenizer, whose padding id (0) it takes
+    as its own (RoBERTa's positions count from the padding id), saved as a local checkpoint."""
     folder = tmp_path_factory.mktemp("tiny-roberta")
     torch.manual_seed(0)
-    RobertaModel(RobertaConfig(vocab_size=30522, max_position_embeddings=130, **TINY_SIZES),
+    RobertaModel(RobertaConfig(vocab_size=30522, max_position_embeddings=130, pad_token_id=0, **TINY_SIZES),
                  add_pooling_layer=False).save_pretrained(folder)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(folder)
     return str(folder)

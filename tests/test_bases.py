@@ -3,9 +3,12 @@ RoBERTa here, and the real all-mpnet-base-v2 where its PyPI parts are installed 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from importlib import metadata
 from pathlib import Path
 
@@ -17,12 +20,13 @@ from test_modeling import LOAD_IN_FRESH_PROCESS, _perturb_experts
 from test_onnx import torch_vectors
 from test_search import run_index, run_query
 from test_train import run_train
-from transformers import AutoModel, MPNetModel, RobertaModel
+from transformers import AutoConfig, AutoModel, MPNetModel, RobertaModel
 
 from modeling_moebert import MoEBertModel
 from moebert import names
 from moebert.__main__ import main as moebert_command
 from moebert.encoders.export.onnx_runtime import OnnxEncoder
+from moebert.loading import max_seq_length_of
 from moebert.models.composition import compose
 
 DENSE = {"tiny_mpnet": MPNetModel, "tiny_roberta": RobertaModel}
@@ -75,6 +79,8 @@ def test_a_forward_from_stem_states_and_an_extracted_expert_compute_the_full_for
     one = tagged_batch(model, tokenizer, ["PARA"] * len(TEXTS))
     dense = model.extract_expert("PARA")
     assert type(dense) is dense_class  # no custom code needed to run it
+    own_fields = set(dense_class.config_class().to_dict())
+    assert set(dense.config.to_dict()) - own_fields <= {"architectures", "dtype"}  # no other kind's (type_vocab_size)
     dense.save_pretrained(tmp_path)
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**one).last_hidden_state, model(**one).last_hidden_state, atol=1e-5, rtol=0)
@@ -82,10 +88,10 @@ def test_a_forward_from_stem_states_and_an_extracted_expert_compute_the_full_for
 
 @torch.no_grad()
 def test_texts_are_cut_to_the_tokens_the_positions_of_each_kind_allow(tiny_base):
-    folder, _ = tiny_base  # 130 position embeddings; RoBERTa's and MPNet's start at 2
+    folder, _ = tiny_base  # 130 position embeddings, counted on from the padding id (MPNet's 1, this RoBERTa's 0)
     model, tokenizer = MoEBertModel.from_bert(folder, domains=["CVD"])
     length = model.config.sequence_length()
-    assert length == 128 and model.config.max_seq_length is None  # no sentence-transformers settings to read
+    assert length == 130 - (tokenizer.pad_token_id + 1) and model.config.max_seq_length is None  # no ST settings
     long = tokenizer([" ".join(TEXTS * 10)], truncation=True, max_length=length, return_tensors="pt")
     assert long["input_ids"].shape[1] == length
     model.eval()(input_ids=long["input_ids"], attention_mask=long["attention_mask"], domain_ids=torch.tensor([0]))
@@ -103,6 +109,8 @@ def test_a_reloaded_model_of_each_kind_computes_what_was_saved(tiny_base, tmp_pa
     batch = tagged_batch(model, tokenizer)  # no token_type_ids: RoBERTa's embeddings read its buffer of them
     reloaded = MoEBertModel.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(reloaded(**batch).last_hidden_state, model(**batch).last_hidden_state, atol=0, rtol=0)
+    positions = reloaded.embeddings.position_ids  # not saved: rebuilt on load, as the base's own class does
+    assert torch.equal(positions[0], torch.arange(positions.shape[-1]))
 
 
 @torch.no_grad()
@@ -191,6 +199,21 @@ def test_an_mpnet_moe_indexes_and_queries_a_collection_each_paper_through_its_do
         assert result["hits"][0]["id"] == expected and result["hits"][0]["score"] == pytest.approx(1, abs=1e-5)
 
 
+def test_a_training_length_past_the_bases_positions_is_refused_with_the_longest_it_takes(tiny_mpnet, tiny_data,
+                                                                                         tmp_path):
+    with pytest.raises(SystemExit, match=r"^error: --max_seq_length 129: this mpnet base takes at most 128 tokens "
+                       r"\(its position embeddings\); give --max_seq_length 128 or less$"):
+        run_train(tiny_mpnet, tiny_data, tmp_path / "out", "--max_seq_length", "129")
+
+
+def test_the_length_of_a_moe_loaded_by_its_own_code_counts_its_bases_positions(tiny_mpnet, tmp_path):
+    model, tokenizer = MoEBertModel.from_bert(tiny_mpnet, domains=["CVD"])
+    model.save_pretrained(tmp_path)
+    (tmp_path / "sentence_bert_config.json").unlink()  # its length there is the same fallback's: read the config
+    config = AutoConfig.from_pretrained(tmp_path, trust_remote_code=True)  # the Hub file's class, not ours
+    assert max_seq_length_of(str(tmp_path), config) == 128  # 130 positions, two of them never a token's
+
+
 def test_train_py_picks_the_mpnet_architecture_by_itself_and_trains_its_experts(tiny_mpnet, tiny_data, tmp_path):
     out = tmp_path / "out"
     run_train(tiny_mpnet, tiny_data, out, "--max_train_steps", "3", "--learning_rate", "1e-2", "--eval_steps", "3")
@@ -238,9 +261,9 @@ def test_the_upcycled_all_mpnet_base_v2_gives_its_sentence_transformers_vectors_
 class FakePart:
     """An installed distribution holding one piece of a split zip, as the PyPI parts do."""
 
-    def __init__(self, root: Path, index: int, piece: bytes):
-        self.root, self.name = root, f"part_{index:03d}/input/all-mpnet-base-v2.zip.{index:03d}"
-        (root / self.name).parent.mkdir(parents=True)
+    def __init__(self, root: Path, index: int, piece: bytes, version: str = "0.0.1"):
+        self.root, self.name, self.version = root, f"part_{index:03d}/input/all-mpnet-base-v2.zip.{index:03d}", version
+        (root / self.name).parent.mkdir(parents=True, exist_ok=True)
         (root / self.name).write_bytes(piece)
         self.files = [Path(f"part_{index:03d}/__init__.py"), Path(self.name)]
 
@@ -248,28 +271,66 @@ class FakePart:
         return self.root / name
 
 
-def test_the_mpnet_hub_id_loads_from_its_installed_parts_joined_and_unpacked_once(tmp_path, monkeypatch):
-    archive = tmp_path / "whole.zip"
+def fake_parts(root: Path, weights: bytes, version: str = "0.0.1") -> dict:
+    """The five parts of a zip holding one folder, all-mpnet-base-v2/, with a config and these weights."""
+    archive = root / "whole.zip"
     with zipfile.ZipFile(archive, "w") as zipped:
         zipped.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
-        zipped.writestr("all-mpnet-base-v2/model.safetensors", b"weights" * 1000)
+        zipped.writestr("all-mpnet-base-v2/model.safetensors", weights)
     data = archive.read_bytes()
     pieces = [data[i * len(data) // 5:(i + 1) * len(data) // 5] for i in range(5)]
-    parts = {name: FakePart(tmp_path / "site", i + 1, piece)
-             for i, (name, piece) in enumerate(zip(names.MPNET_PARTS, pieces))}
+    return {name: FakePart(root / "site", i + 1, piece, version)
+            for i, (name, piece) in enumerate(zip(names.MPNET_PARTS, pieces))}
+
+
+def test_the_mpnet_hub_id_loads_from_its_installed_parts_joined_and_unpacked_once(tmp_path, monkeypatch):
+    parts = fake_parts(tmp_path, b"weights" * 1000)
     monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(metadata, "distribution", lambda name: parts[name])
     folder = names.local_copy(names.MPNET_BASE_MODEL_ID)
     assert Path(folder) == tmp_path / "cache" / "all-mpnet-base-v2"
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]  # the zip's one folder, its files
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "parts.json"]  # the zip's one folder
     assert (Path(folder) / "model.safetensors").read_bytes() == b"weights" * 1000
     assert names.public_base_name(folder) == names.public_name(folder) == names.MPNET_BASE_MODEL_ID
     for part in parts.values():  # unpacked once: the pieces are not read again
         (part.root / part.name).unlink()
     assert names.local_copy(names.MPNET_BASE_MODEL_ID) == folder
 
+    newer = fake_parts(tmp_path, b"newer weights" * 1000, version="0.0.2")  # parts upgraded: unpacked again
+    monkeypatch.setattr(metadata, "distribution", lambda name: newer[name])
+    assert names.local_copy(names.MPNET_BASE_MODEL_ID) == folder
+    assert (Path(folder) / "model.safetensors").read_bytes() == b"newer weights" * 1000
+
     def not_installed(name):
         raise metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(metadata, "distribution", not_installed)
     assert names.local_copy(names.MPNET_BASE_MODEL_ID) == names.MPNET_BASE_MODEL_ID  # the Hub id, loaded from the Hub
+
+
+def test_processes_launched_together_unpack_the_mpnet_parts_once(tmp_path, monkeypatch):
+    parts = fake_parts(tmp_path, b"weights" * 1000)
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metadata, "distribution", lambda name: parts[name])
+    unpacked = []
+
+    def slow_unpack(archive, into):  # wide open for a second caller to step in
+        unpacked.append(into)
+        time.sleep(0.5)
+        shutil_unpack(archive, into)
+
+    shutil_unpack = shutil.unpack_archive
+    monkeypatch.setattr(shutil, "unpack_archive", slow_unpack)
+    with ThreadPoolExecutor(3) as pool:  # each its own lock file handle, as separate processes have
+        folders = list(pool.map(lambda _: names.local_copy(names.MPNET_BASE_MODEL_ID), range(3)))
+    assert len(set(folders)) == 1 and len(unpacked) == 1
+    assert (Path(folders[0]) / "model.safetensors").read_bytes() == b"weights" * 1000
+
+
+def test_parts_that_hold_no_piece_of_the_zip_are_refused_with_the_fix(tmp_path, monkeypatch):
+    parts = fake_parts(tmp_path, b"weights")
+    parts[names.MPNET_PARTS[2]].files = None  # installed without a RECORD
+    monkeypatch.setenv("MOEBERT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(metadata, "distribution", lambda name: parts[name])
+    with pytest.raises(OSError, match="do not hold one piece of the zip each: reinstall them"):
+        names.local_copy(names.MPNET_BASE_MODEL_ID)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import COUNTED_TRAIN, DOMAINS, counted_steps, torch_encoder, workspace_of, requires_faiss
+from conftest import COUNTED_TRAIN, DOMAINS, counted_steps, python_path, requires_faiss, torch_encoder, workspace_of
 from safetensors import safe_open
 from test_train import run_train
 
@@ -298,6 +298,32 @@ def test_a_second_signal_exits_at_once_and_the_checkpoints_before_survive(tiny_b
     card = run_train(tiny_bert, tiny_data, out, "--max_train_steps", str(kept[-1] + 1), "--eval_steps", "0",
                      "--resume_from_checkpoint", "latest")
     assert card.step == kept[-1] + 1 and len(optimizer_steps) == 1
+
+
+SIGNALLED_BEFORE_OR_AFTER_ARMING = """
+import os, signal, sys, time
+from accelerate import PartialState
+from moebert.training.preemption import StopRequest
+PartialState()  # the log line of a stop goes through accelerate
+stop = StopRequest()
+if sys.argv[1] == "training":
+    stop.arm()
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.2)
+print("asked to stop" if stop.signum else "not asked")
+"""
+
+
+@pytest.mark.parametrize("when", ["setting up", "training"])
+def test_a_signal_before_the_first_step_exits_at_once(when):
+    """Before training steps (stored stem states of a large base take minutes) nothing is there to checkpoint: a
+    Ctrl-C or SIGTERM ends the run at once rather than after the first step."""
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_BEFORE_OR_AFTER_ARMING, when], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": python_path()}, timeout=120)
+    if when == "setting up":
+        assert done.returncode == -signal.SIGTERM and done.stdout == ""
+    else:
+        assert done.returncode == 0 and done.stdout.strip() == "asked to stop", done.stderr
 
 
 def test_a_stop_waits_for_a_hanging_hub_upload_only_stop_timeout_seconds(tiny_bert, tiny_data, tmp_path):

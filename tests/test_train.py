@@ -245,19 +245,23 @@ def test_training_lowers_the_loss_and_saves_a_loadable_model(tiny_bert, tiny_dat
     assert loaded.config.domains == ["CVD", "COPD"] and loaded.config.max_seq_length == 32
 
 
-def test_attention_dropout_reaches_every_attention_block_and_the_saved_config(tiny_bert, tiny_data, tmp_path):
+@pytest.mark.parametrize("base", ["tiny_bert", "tiny_mpnet", "tiny_roberta"])
+def test_attention_dropout_reaches_every_attention_block_and_the_saved_config(base, tiny_bert, tiny_data, tmp_path,
+                                                                              request):
     from transformers import AutoModel
 
-    model, tokenizer = build_model(tiny_bert, ["CVD", "COPD"], RECIPES["quick"]["moe_layers"])
+    model, tokenizer = build_model(request.getfixturevalue(base), ["CVD", "COPD"], RECIPES["quick"]["moe_layers"])
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
     training_setup.set_attention_dropout(model, 0.5)
-    batch = tokenizer(["[CVD] heart failure trial"], return_tensors="pt")
+    batch = tokenizer(model.prepend_domain_token(["heart failure trial"], ["CVD"]), return_tensors="pt")
     model.train()
     assert not torch.equal(model(**batch).last_hidden_state, model(**batch).last_hidden_state)
     training_setup.set_attention_dropout(model, 0.0)
     assert torch.equal(model(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    if base != "tiny_bert":
+        return  # what train.py saves is the same for every kind
 
     run_train(tiny_bert, tiny_data, tmp_path / "out", "--max_train_steps", "1", "--attention_dropout", "0")
     assert AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).config.attention_probs_dropout_prob == 0

@@ -29,17 +29,23 @@ class TrainingStopped(Exception):
 
 
 class StopRequest:
-    """SIGTERM (what Slurm, Kubernetes and spot instances send before they kill) and SIGINT (Ctrl-C): the first asks
-    training to stop after the current step with a checkpoint; a second one exits at once."""
+    """SIGTERM (what Slurm, Kubernetes and spot instances send before they kill) and SIGINT (Ctrl-C): once training
+    steps (`arm`), the first asks it to stop after the current step with a checkpoint, and a second one exits at once;
+    before that (loading, stored stem states: minutes on a large base) nothing is there to keep, so one exits at
+    once."""
 
     def __init__(self):
-        self.signum = None
+        self.signum, self.armed = None, False
         in_main_thread = threading.current_thread() is threading.main_thread()  # the only one that may set handlers
         signals = (signal.SIGTERM, signal.SIGINT) if in_main_thread else ()
         self.previous = {sig: signal.signal(sig, self._handle) for sig in signals}
 
+    def arm(self):
+        """From now on a signal stops training after the current step."""
+        self.armed = True
+
     def _handle(self, signum, frame):
-        if self.signum is not None:
+        if self.signum is not None or not self.armed:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

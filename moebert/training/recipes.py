@@ -4,6 +4,10 @@ value depends on another flag's value, and settings that cannot go together are 
 
 - quick: experts in the top two layers only, trained alone on stored stem states, each domain keeping its best
   expert on valid: 750 steps of 16 pairs at 256 tokens, about 17 minutes on a 2-core CPU (docs/training.md).
+- quick-base: the quick step for a base of BERT-base size (12 layers of 768: all-mpnet-base-v2, BERT-base), whose
+  every step costs about four times MiniLM's per layer of experts: experts in the top layer alone, 500 steps,
+  `valid` every 100; about 35 minutes on a 2-core CPU for all-mpnet-base-v2, the stored stem states included
+  (docs/results.md).
 - full: every layer's experts and all shared weights, one pass over the train pairs in batches of 32, bf16, the
   best model on valid kept: the settings chosen on valid on an H100 (docs/results.md).
 """
@@ -18,6 +22,12 @@ RECIPES = {
         "max_seq_length": 256, "mixed_precision": "auto", "moe_layers": "top2", "attention_dropout": 0.0,
         "train_experts_only": True, "reuse_stem_states": True, "select_experts_per_domain": True,
         "load_best_model_at_end": False, "eval_steps": 75,
+    },
+    "quick-base": {
+        "max_train_steps": 500, "num_train_epochs": None, "per_device_train_batch_size": 16, "learning_rate": 5e-5,
+        "max_seq_length": 256, "mixed_precision": "auto", "moe_layers": "top1", "attention_dropout": 0.0,
+        "train_experts_only": True, "reuse_stem_states": True, "select_experts_per_domain": True,
+        "load_best_model_at_end": False, "eval_steps": 100,
     },
     "full": {
         "max_train_steps": None, "num_train_epochs": 1, "per_device_train_batch_size": 32, "learning_rate": 2e-5,

@@ -2,14 +2,16 @@
 over the weights that train, and whether DDP must look for parameters a step leaves without gradient."""
 
 import torch
-from transformers.models.bert.modeling_bert import BertSelfAttention
+
+from modeling_moebert import BASE_ARCHITECTURES
 
 
 def set_attention_dropout(model, probability: float):
-    """In the config (saved with the model) and in every attention block already built."""
+    """In the config (saved with the model) and in every attention block already built, of whichever kind."""
     model.config.attention_probs_dropout_prob = probability
+    self_attentions = tuple(architecture.self_attention for architecture in BASE_ARCHITECTURES.values())
     for module in model.modules():
-        if isinstance(module, BertSelfAttention):
+        if isinstance(module, self_attentions):
             module.dropout.p = probability
 
 
