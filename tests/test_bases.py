@@ -101,6 +101,22 @@ def test_texts_are_cut_to_the_tokens_the_positions_of_each_kind_allow(tiny_base)
 
 
 @torch.no_grad()
+def test_a_domain_added_from_the_base_of_each_kind_computes_what_the_base_computes(tiny_base):
+    folder, dense_class = tiny_base
+    model, tokenizer = MoEBertModel.from_bert(folder, domains=["CVD", "COPD"], moe_layers="top2")
+    _perturb_experts(model)  # trained experts: the new one must come from the base's feed-forward blocks
+    model.add_domain("ONC", tokenizer, init_from=folder)
+    base = AutoModel.from_pretrained(folder).eval()
+    base.resize_token_embeddings(model.config.vocab_size, mean_resizing=False)  # the domain tokens' rows too
+    base.get_input_embeddings().weight.copy_(model.get_input_embeddings().weight)
+    batch = tagged_batch(model, tokenizer, ["ONC"] * len(TEXTS))
+    expected = base(**batch).last_hidden_state
+    torch.testing.assert_close(model.eval()(**batch).last_hidden_state, expected, atol=1e-5, rtol=0)
+    cvd = tagged_batch(model, tokenizer, ["CVD"] * len(TEXTS))
+    assert not torch.allclose(model(**cvd).last_hidden_state, base(**cvd).last_hidden_state, atol=1e-3)
+
+
+@torch.no_grad()
 def test_a_reloaded_model_of_each_kind_computes_what_was_saved(tiny_base, tmp_path):
     folder, _ = tiny_base
     model, tokenizer = MoEBertModel.from_bert(folder, domains=DOMAINS, moe_layers="top2")
