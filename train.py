@@ -3,7 +3,7 @@
     python train.py                                   # embedded sample and base model: 17 minutes on a 2-core CPU
     accelerate launch train.py --recipe full          # the same data, all train pairs at 256 tokens: a GPU
     python train.py --model_name_or_path sentence-transformers/all-mpnet-base-v2 --recipe quick-base \
-        --output_dir outputs/moebert-mpnet            # a stronger base on a CPU: about 35 minutes
+        --output_dir outputs/moebert-mpnet            # a stronger base on a CPU: under an hour
     accelerate launch train.py --model_name_or_path allenai/scibert_scivocab_uncased \
         --dataset CVD=GleghornLab/abstract_domain_cvd --dataset COPD=GleghornLab/abstract_domain_copd \
         --per_device_train_batch_size 32 --output_dir outputs/moebert

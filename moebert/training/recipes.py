@@ -6,8 +6,8 @@ value depends on another flag's value, and settings that cannot go together are 
   expert on valid: 750 steps of 16 pairs at 256 tokens, about 17 minutes on a 2-core CPU (docs/training.md).
 - quick-base: the quick step for a base of BERT-base size (12 layers of 768: all-mpnet-base-v2, BERT-base), whose
   every step costs about four times MiniLM's per layer of experts: experts in the top layer alone, 500 steps,
-  `valid` every 100; about 35 minutes on a 2-core CPU for all-mpnet-base-v2, the stored stem states included
-  (docs/results.md).
+  `valid` every 100; under an hour on a 2-core CPU in fp32 for all-mpnet-base-v2, the stored stem states included
+  (58 minutes measured with another process beside it: docs/results.md).
 - full: every layer's experts and all shared weights, one pass over the train pairs in batches of 32, bf16, the
   best model on valid kept: the settings chosen on valid on an H100 (docs/results.md).
 """
