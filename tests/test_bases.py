@@ -32,6 +32,14 @@ from moebert.models.composition import compose
 DENSE = {"tiny_mpnet": MPNetModel, "tiny_roberta": RobertaModel}
 
 
+def mpnet_installed() -> bool:
+    try:
+        metadata.distribution(names.MPNET_PARTS[0])
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 @pytest.fixture(params=sorted(DENSE))
 def tiny_base(request) -> tuple[str, type]:
     """(folder, the dense class of its kind) for each kind."""
@@ -129,11 +137,21 @@ def test_a_reloaded_model_of_each_kind_computes_what_was_saved(tiny_base, tmp_pa
     assert torch.equal(positions[0], torch.arange(positions.shape[-1]))
 
 
+@pytest.fixture(params=["tiny", "all-mpnet-base-v2"])
+def mpnet_base(request) -> str:
+    """The tiny random MPNet, and the real all-mpnet-base-v2 where its PyPI parts are installed."""
+    if request.param == "tiny":
+        return request.getfixturevalue("tiny_mpnet")
+    if not mpnet_installed():
+        pytest.skip("all-mpnet-base-v2 is not installed (benchmarks/requirements-mpnet.txt)")
+    return names.local_copy(names.MPNET_BASE_MODEL_ID)
+
+
 @torch.no_grad()
-def test_an_mpnet_moe_round_trips_through_automodel_and_sentence_transformers(tiny_mpnet, tmp_path):
+def test_an_mpnet_moe_round_trips_through_automodel_and_sentence_transformers(mpnet_base, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    model, tokenizer = MoEBertModel.from_bert(tiny_mpnet, domains=DOMAINS)
+    model, tokenizer = MoEBertModel.from_bert(mpnet_base, domains=DOMAINS, moe_layers="top2")
     _perturb_experts(model)
     model.eval().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -245,14 +263,6 @@ def test_train_py_picks_the_mpnet_architecture_by_itself_and_trains_its_experts(
 
 
 # ---------------------------------------------------------------------------------- the real all-mpnet-base-v2
-
-
-def mpnet_installed() -> bool:
-    try:
-        metadata.distribution(names.MPNET_PARTS[0])
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not mpnet_installed(),
