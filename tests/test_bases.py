@@ -22,6 +22,7 @@ from test_search import run_index, run_query
 from test_train import run_train
 from transformers import AutoConfig, AutoModel, MPNetModel, RobertaModel
 
+from benchmarks.naive_routing import naive_routing
 from modeling_moebert import MoEBertModel
 from moebert import names
 from moebert.__main__ import main as moebert_command
@@ -106,6 +107,24 @@ def test_texts_are_cut_to_the_tokens_the_positions_of_each_kind_allow(tiny_base)
     longer = tokenizer([" ".join(TEXTS * 10)], truncation=True, max_length=length + 1, return_tensors="pt")
     with pytest.raises((IndexError, RuntimeError)):  # one token more has no position embedding
         model(input_ids=longer["input_ids"], attention_mask=longer["attention_mask"], domain_ids=torch.tensor([0]))
+
+
+@torch.no_grad()
+def test_token_routing_of_each_kind_sends_every_token_to_its_own_expert(tiny_base):
+    folder, _ = tiny_base
+    model, tokenizer = MoEBertModel.from_bert(folder, domains=DOMAINS, routing_mode="token", moe_layers="top2")
+    _perturb_experts(model)
+    model.eval()
+    batch = tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+    batch = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    per_token = torch.randint(0, len(DOMAINS), batch["input_ids"].shape, generator=torch.Generator().manual_seed(0))
+    routed = model(**batch, token_type_ids=per_token).last_hidden_state  # RoBERTa's one segment: ids are not segments
+    with naive_routing():
+        torch.testing.assert_close(routed, model(**batch, token_type_ids=per_token).last_hidden_state, atol=1e-5, rtol=0)
+    all_skin = torch.full_like(per_token, DOMAINS.index("SKIN"))
+    dense = model.extract_expert("SKIN")
+    torch.testing.assert_close(model(**batch, token_type_ids=all_skin).last_hidden_state,
+                               dense(**batch).last_hidden_state, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
