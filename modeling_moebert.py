@@ -280,6 +280,9 @@ class MoEBertEncoder(nn.Module):
         super().__init__()
         architecture = base_architecture(config.base_model_type)
         self.first_moe_layer = min(config.moe_layers)
+        # where stored stem states end: at the first MoE layer's experts while its attention is frozen (training the
+        # experts alone), or at its input while the whole layer trains (a specialist: moebert.training.setup)
+        self.stem_through_attention = True
         self.layer = nn.ModuleList(
             MoEBertLayer(config, layer_idx=i) if i in config.moe_layers
             else architecture.build(architecture.layer, config, i)
@@ -299,16 +302,24 @@ class MoEBertEncoder(nn.Module):
         return hidden_states, all_hidden_states
 
     def stem(self, hidden_states, attention_mask, **kwargs) -> torch.Tensor:
-        """The layers below the first MoE layer and that layer's attention: shared weights only, no routing."""
+        """The layers below the first MoE layer and (`stem_through_attention`) that layer's attention: shared weights
+        only, no routing."""
         kwargs |= self.attention_inputs(hidden_states)
         for layer in self.layer[: self.first_moe_layer]:
             hidden_states = self._run(layer, hidden_states, attention_mask, None, **kwargs)
+        if not self.stem_through_attention:
+            return hidden_states
         return self.layer[self.first_moe_layer].attention(hidden_states, attention_mask, **kwargs)[0]
 
     def from_stem(self, stem_states, attention_mask, routing, **kwargs) -> torch.Tensor:
-        """The rest of `forward` after `stem`: the first MoE layer's experts and every layer above."""
+        """The rest of `forward` after `stem`: the first MoE layer's experts (or the whole layer) and every layer
+        above."""
         kwargs |= self.attention_inputs(stem_states)
-        hidden_states = self.layer[self.first_moe_layer].feed_forward(stem_states, routing)
+        first = self.layer[self.first_moe_layer]
+        if self.stem_through_attention:
+            hidden_states = first.feed_forward(stem_states, routing)
+        else:
+            hidden_states = self._run(first, stem_states, attention_mask, routing, **kwargs)
         for layer in self.layer[self.first_moe_layer + 1 :]:
             hidden_states = self._run(layer, hidden_states, attention_mask, routing, **kwargs)
         return hidden_states
@@ -455,7 +466,8 @@ class MoEBertModel(MoEBertPreTrainedModel):
         """The named parameters and buffers `stem_states` reads: what a stored stem state depends on."""
         first = self.encoder.first_moe_layer
         modules = [("embeddings", self.embeddings)] + [(f"encoder.layer.{i}", self.encoder.layer[i]) for i in range(first)]
-        modules.append((f"encoder.layer.{first}.attention", self.encoder.layer[first].attention))
+        if self.encoder.stem_through_attention:
+            modules.append((f"encoder.layer.{first}.attention", self.encoder.layer[first].attention))
         if hasattr(self.encoder, "relative_attention_bias"):  # MPNet: every attention of the stem adds it
             modules.append(("encoder.relative_attention_bias", self.encoder.relative_attention_bias))
         return [(f"{prefix}.{name}", tensor) for prefix, module in modules for name, tensor in module.state_dict().items()]

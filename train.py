@@ -4,6 +4,7 @@
     accelerate launch train.py --recipe full          # the same data, all train pairs at 256 tokens: a GPU
     python train.py --model_name_or_path sentence-transformers/all-mpnet-base-v2 --recipe quick-base \
         --output_dir outputs/moebert-mpnet            # a stronger base on a CPU: under an hour
+    python train.py --specialist Nelson_2002          # strategy 1: one model for one domain, to outputs/specialists/
     accelerate launch train.py --model_name_or_path allenai/scibert_scivocab_uncased \
         --dataset CVD=GleghornLab/abstract_domain_cvd --dataset COPD=GleghornLab/abstract_domain_copd \
         --per_device_train_batch_size 32 --output_dir outputs/moebert
@@ -13,6 +14,11 @@ expert with the Multiple Negatives Ranking loss: the other pairs of the batch ar
 processes the embeddings of every process are gathered with their gradients, so each process scores its pairs
 against the global batch and the update equals that of one process on the global batch. The model goes to
 OUTPUT_DIR and nothing else does: checkpoints, the best model and stored stem states go to the workspace beside it.
+
+With --specialist DOMAIN the run trains one model for that domain alone (the paper's strategy 1, domain-specific
+fine-tuning): the layers the recipe would split into experts train whole, attention included, since nothing is
+shared, and the best model on the domain's valid pairs is kept. A folder holding one specialist per domain
+(outputs/specialists/ by default) is one model to eval.py and search.py: each domain's texts go to its own.
 """
 
 import argparse
@@ -39,7 +45,7 @@ from moebert.evaluation.scoring import validate
 from moebert.logs import show_logs
 from moebert.models.builder import build_model
 from moebert.models.hub import HubPusher, push_refusal
-from moebert.names import DEFAULT_OUTPUT_DIR, default_base_model, public_arg, public_name
+from moebert.names import DEFAULT_OUTPUT_DIR, SPECIALISTS_DIR, default_base_model, public_arg, public_name
 from moebert.training import setup
 from moebert.training.batches import make_collate, train_dataloader, training_pairs
 from moebert.training.losses import backward_step
@@ -65,6 +71,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_evaluation_arguments(parser)
     add_output_arguments(parser)
     args = parser.parse_args(argv)
+    if args.specialist and args.shared_expert:
+        parser.error("--specialist trains one model for one domain: --shared_expert has nothing to share; drop it")
+    args.output_dir = args.output_dir or str(SPECIALISTS_DIR / args.specialist if args.specialist else DEFAULT_OUTPUT_DIR)
     try:
         args.recipe_record = apply_recipe(args, bf16_is_native(default_device()))
     except RecipeError as error:
@@ -85,6 +94,9 @@ def add_model_arguments(parser):
     parser.add_argument("--moe_layers", default=RECIPE, help="layers split into experts: all | upper | topN | middle | "
                         f"0,5,11 (recipe: {recipe_values('moe_layers')})")
     parser.add_argument("--shared_expert", action="store_true", help="one expert for all domains (baseline)")
+    parser.add_argument("--specialist", default=None, metavar="DOMAIN", help="train one model on DOMAIN's pairs alone "
+                        "(strategy 1): the layers --moe_layers names train whole, attention included; the best model on "
+                        "valid is kept; default output: outputs/specialists/DOMAIN")
     parser.add_argument("--train_experts_only", action=argparse.BooleanOptionalAction, default=RECIPE, help="freeze "
                         "the shared weights (embeddings, attention, LayerNorm): training a domain then changes only its "
                         f"own expert (recipe: {recipe_values('train_experts_only')})")
@@ -147,7 +159,8 @@ def add_evaluation_arguments(parser):
 
 
 def add_output_arguments(parser):
-    parser.add_argument("--output_dir", default=str(DEFAULT_OUTPUT_DIR), help="the final model, and nothing else")
+    parser.add_argument("--output_dir", default=None, help="the final model, and nothing else (default: "
+                        f"{DEFAULT_OUTPUT_DIR}, or with --specialist {SPECIALISTS_DIR}/DOMAIN)")
     parser.add_argument("--workspace_dir", default=None, help="checkpoints, the best model, stored stem states and "
                         "upload snapshots (default: OUTPUT_DIR-workspace)")
     parser.add_argument("--stem_cache_dir", default=None, help="stored stem states, named by their fingerprint: runs "
@@ -196,12 +209,13 @@ class Run:
 
 def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
     with refused(DatasetError):
-        specs = parse_dataset_specs(args.dataset)
+        specs = trained_specs(args)
         datasets = load_domain_datasets(specs)
     with refused((OSError, ValueError), f"--model_name_or_path {args.model_name_or_path or default_base_model()}: "):
         model, tokenizer = build_model(args.model_name_or_path or default_base_model(), list(specs), args.moe_layers,
                                        1 if args.shared_expert else None)  # not found, not a BERT, unreadable weights
     check_length(args.max_seq_length, model.config)
+    setup.train_only(model, trained_weights(args))  # before the stem states: they end below the first trained weight
     model.config.max_seq_length = args.max_seq_length  # sentence-transformers encodes at the training length
     if args.attention_dropout is not None:
         setup.set_attention_dropout(model, args.attention_dropout)
@@ -218,7 +232,7 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
     batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
     if args.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
         model.activation_checkpointing_enable({"use_reentrant": False})
-    optimizer = setup.make_optimizer(model, args.learning_rate, args.weight_decay, args.train_experts_only)
+    optimizer = setup.make_optimizer(model, args.learning_rate, args.weight_decay)
     if accelerator.ddp_handler is not None:
         accelerator.ddp_handler.find_unused_parameters = setup.experts_can_miss_a_step(model)
     updates_per_epoch = math.ceil(len(dataloader) / accelerator.num_processes / args.gradient_accumulation_steps)
@@ -234,6 +248,26 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
         accelerator.register_for_checkpointing(experts)
     return Run(model, tokenizer, datasets, known_pairs if args.mask_false_negatives else None, stems, dataloader,
                batch_sampler, optimizer, scheduler, best, experts, max_steps, updates_per_epoch)
+
+
+def trained_specs(args) -> dict:
+    """{domain: source} of the domains this run trains: those of --dataset (default: the embedded sample), or with
+    --specialist that one."""
+    specs = parse_dataset_specs(args.dataset)
+    if args.specialist is None:
+        return specs
+    if args.specialist not in specs:
+        raise DatasetError(f"--specialist {args.specialist}: not one of the domains {list(specs)}; name one of them "
+                           "(or add it with --dataset DOMAIN=SOURCE)")
+    return {args.specialist: specs[args.specialist]}
+
+
+def trained_weights(args) -> str:
+    """What trains (moebert.training.setup.train_only): with --train_experts_only the experts alone, or for a
+    specialist, whose nothing is shared, the layers that hold them whole; else everything."""
+    if not args.train_experts_only:
+        return "all"
+    return "moe_layers" if args.specialist else "experts"
 
 
 def check_length(max_seq_length: int, config):
@@ -282,8 +316,8 @@ def start(args, accelerator: Accelerator, workspace: Workspace, run: Run) -> tup
         accelerator.print(f"resumed from {path} at step {state.step}, learning rate {run.scheduler.get_last_lr()[0]:.6e}")
         state.args, state.recipe = public_args, args.recipe_record
         return state.step, state
-    sources = {d: public_name(src) for d, src in parse_dataset_specs(args.dataset).items()} if args.dataset else {
-        d: f"data/{SAMPLE_DIR.name}/{d}" for d in parse_dataset_specs(None)}  # the sample by its place in this repo
+    sources = {d: public_name(src) if args.dataset else f"data/{SAMPLE_DIR.name}/{d}"  # the sample by its place here
+               for d, src in trained_specs(args).items()}
     state = TrainingState(accelerator.unwrap_model(run.model).config.domains, sources, public_args, args.recipe_record)
     evaluate_and_keep_best(args, accelerator, workspace, run, state)
     return 0, state

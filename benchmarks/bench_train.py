@@ -32,7 +32,7 @@ from moebert.names import default_base_model
 from moebert.training.batches import DomainBatchSampler, make_collate, training_pairs
 from moebert.training.losses import backward_step
 from moebert.training.recipes import RECIPES
-from moebert.training.setup import make_optimizer, set_attention_dropout
+from moebert.training.setup import make_optimizer, set_attention_dropout, train_only
 from moebert.training.stem_states import StemStates
 
 QUICK = RECIPES["quick"]
@@ -69,6 +69,7 @@ def main():
         set_attention_dropout(model, settings["attention_dropout"])
         sampler = DomainBatchSampler(pairs["domain_id"], options.per_device_train_batch_size, 1, seed=42)
         rows = [[pairs[i] for i in batch] for _, batch in zip(range(options.steps + 1), sampler)]
+        train_only(model, "experts" if settings["train_experts_only"] else "all")
         stems = None
         if settings["reuse_stem_states"]:
             inputs = sorted({(r["domain_id"], t) for batch in rows for r in batch for t in [r["a"], r["b"], *r["hard"]]})
@@ -77,7 +78,7 @@ def main():
                                              accelerator.mixed_precision, 64)
             stem_seconds = (time.perf_counter() - started) / len(inputs)
         collate = make_collate(model, tokenizer, options.max_seq_length, stems)
-        optimizer = make_optimizer(model, settings["learning_rate"], 0.01, settings["train_experts_only"])
+        optimizer = make_optimizer(model, settings["learning_rate"], 0.01)
         model, optimizer = accelerator.prepare(model, optimizer)
         model.train()
         runs[name] = (model, optimizer, [move(collate(batch), accelerator.device) for batch in rows])

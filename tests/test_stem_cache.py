@@ -10,7 +10,7 @@ from moebert.training import stem_states
 from moebert.training.batches import make_collate
 from moebert.training.losses import backward_step
 from moebert.training.selection import BestExperts, BestModel
-from moebert.training.setup import make_optimizer
+from moebert.training.setup import train_only
 from moebert.training.state import CheckpointError
 import train
 
@@ -124,12 +124,16 @@ def pair_batch(model, tokenizer, stems=None):
     return make_collate(model, tokenizer, 32, stems)(rows)
 
 
-def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_path):
+@pytest.mark.parametrize("specialist", [None, "CVD"])
+def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_path, specialist):
+    """A MoE trains its experts from states stored up to them; a specialist trains the layers that hold them whole,
+    from states stored at the first one's input."""
     from accelerate import Accelerator
 
     model, tokenizer = upper_moe  # eval mode: no dropout, so both steps are deterministic
-    args = train.parse_args(["--recipe", "quick", "--no-mask_false_negatives", "--stem_cache_dir", str(tmp_path)])
-    make_optimizer(model, args.learning_rate, args.weight_decay, args.train_experts_only)  # experts only
+    args = train.parse_args(["--recipe", "quick", "--no-mask_false_negatives", "--stem_cache_dir", str(tmp_path)]
+                            + (["--specialist", specialist] if specialist else []))
+    train_only(model, train.trained_weights(args))
     stems = open_states(model, tokenizer, tmp_path, INPUTS[:10])
     accelerator = Accelerator(cpu=True)
 
@@ -142,7 +146,14 @@ def test_the_step_from_stem_states_has_the_plain_steps_gradients(upper_moe, tmp_
     stem_loss, from_stems = gradients(pair_batch(model, tokenizer, stems))
     assert set(pair_batch(model, tokenizer, stems)["a"]) == {"stem_states", "attention_mask"}
     torch.testing.assert_close(stem_loss, plain_loss, atol=1e-6, rtol=1e-5)
-    assert plain and plain.keys() == from_stems.keys() and all(".experts." in n for n in plain)
+    assert plain and plain.keys() == from_stems.keys()
+    first = min(model.config.moe_layers)
+    if specialist:  # the first trained layer's attention trains too, nothing below it does
+        assert any(n.startswith(f"encoder.layer.{first}.attention.") for n in plain)
+        assert all(int(n.split(".")[2]) >= first for n in plain if n.startswith("encoder.layer."))
+        assert not any(n.startswith("embeddings.") for n in plain)
+    else:
+        assert all(".experts." in n for n in plain)
     for name, grad in plain.items():
         torch.testing.assert_close(from_stems[name], grad, atol=1e-6, rtol=1e-4, msg=name)
 

@@ -10,13 +10,14 @@ from moebert.encoders.export.cache import cached_export_encoder, load_export_enc
 from moebert.encoders.export.manifest import is_export
 from moebert.encoders.interface import Encoder
 from moebert.encoders.options import EXPORTED, EncodingOptions
+from moebert.encoders.specialists import SpecialistsEncoder, specialist_folders
 from moebert.encoders.transformer import TransformerEncoder
 from moebert.loading import is_moebert, load_transformer, max_seq_length_of
 from moebert.names import local_copy
 
 
 def load_encoder(spec: str, options: EncodingOptions, trust_remote_code: bool = False) -> Encoder:
-    """`tfidf`; an export of a MoE-BERT, or with an exported backend a MoE-BERT itself; a MoE-BERT; a
+    """`tfidf`; a folder of specialists (one MoE-BERT per domain); an export of a MoE-BERT, or with an exported backend a MoE-BERT itself; a MoE-BERT; a
     sentence-transformers model (has modules.json); else any encoder, mean-pooled. A base shipped as a PyPI package
     (moebert.names.OFFLINE_COPIES) loads by its Hub id from its local folder."""
     from transformers.utils import cached_file
@@ -24,6 +25,9 @@ def load_encoder(spec: str, options: EncodingOptions, trust_remote_code: bool = 
     spec = local_copy(spec)
     if spec == "tfidf":
         return TfidfEncoder()
+    specialists = specialist_folders(spec)
+    if specialists:  # a folder of one specialist per domain: each loaded as itself when its domain comes
+        return SpecialistsEncoder(specialists, lambda folder: load_encoder(folder, options, trust_remote_code))
     if is_export(spec) or (options.runtime in EXPORTED and is_moebert(spec)):
         runtime = options.runtime if options.runtime in EXPORTED else "onnx"
         length = options.max_seq_length or max_seq_length_of(spec, MoEBertConfig.from_pretrained(spec))

@@ -68,6 +68,8 @@ def apply_recipe(args, bf16_native: bool) -> dict:
     values = dict(RECIPES[name])
     if "num_train_epochs" in flags and "max_train_steps" not in flags:  # a length given in epochs replaces the recipe's
         values["max_train_steps"] = None
+    if getattr(args, "specialist", None) and values["select_experts_per_domain"]:  # one model: the best one is kept
+        values |= {"select_experts_per_domain": False, "load_best_model_at_end": True}
     for setting, value in values.items():
         if setting not in flags:
             setattr(args, setting, value)
@@ -80,7 +82,7 @@ def apply_recipe(args, bf16_native: bool) -> dict:
 
 def check_fit(args, recipe: str):
     """Stem reuse and per-domain selection need the shared weights frozen; selection needs one expert per domain and
-    picks the final model itself."""
+    picks the final model itself (a specialist keeps its best model instead)."""
     if not args.train_experts_only:
         needing = [f"--no-{s}" for s in ("reuse_stem_states", "select_experts_per_domain") if getattr(args, s)]
         if needing:
@@ -88,6 +90,9 @@ def check_fit(args, recipe: str):
                 f"--no-train_experts_only: with the shared weights trained, neither stored stem states nor another "
                 f"domain's score stay fixed; add {' '.join(needing)}" + (", or use --recipe full" if recipe != "full" else "")
             )
+    if args.select_experts_per_domain and getattr(args, "specialist", None):
+        raise RecipeError("--specialist trains one model, whose best on valid is kept (--load_best_model_at_end): "
+                          "add --no-select_experts_per_domain")
     if args.select_experts_per_domain and (args.shared_expert or args.load_best_model_at_end):
         given = "--shared_expert" if args.shared_expert else "--load_best_model_at_end"
         raise RecipeError(f"{given}: per-domain expert selection (recipe {recipe}) needs one expert per domain and "

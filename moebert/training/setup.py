@@ -1,5 +1,5 @@
-"""What a training run sets up on its model (made by moebert.models.builder): its attention dropout, the optimizer
-over the weights that train, and whether DDP must look for parameters a step leaves without gradient."""
+"""What a training run sets up on its model (made by moebert.models.builder): its attention dropout, which weights
+train, the optimizer over them, and whether DDP must look for parameters a step leaves without gradient."""
 
 import torch
 
@@ -15,12 +15,25 @@ def set_attention_dropout(model, probability: float):
             module.dropout.p = probability
 
 
-def make_optimizer(model, learning_rate: float, weight_decay: float, experts_only: bool) -> torch.optim.AdamW:
-    """AdamW over the weights that train (the experts alone with `experts_only`: the rest frozen), without weight
-    decay on biases and LayerNorm weights."""
-    if experts_only:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad = ".experts." in name
+TRAINED_WEIGHTS = ("experts", "moe_layers", "all")
+
+
+def train_only(model, trained: str):
+    """Freeze all but the `trained` weights: the experts alone (the shared weights frozen: a MoE), the layers that hold
+    experts whole (a specialist: nothing is shared, so their attention trains too; the stored stem states then end
+    at the first of them), or everything."""
+    if trained not in TRAINED_WEIGHTS:
+        raise ValueError(f"trained weights {trained!r}: one of {TRAINED_WEIGHTS}")
+    whole_layers = tuple(f"encoder.layer.{i}." for i in model.config.moe_layers)
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = (trained == "all" or ".experts." in name
+                                   or (trained == "moe_layers" and name.startswith(whole_layers)))
+    model.encoder.stem_through_attention = trained != "moe_layers"
+
+
+def make_optimizer(model, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the weights that train (those `train_only` left trainable), without weight decay on biases and
+    LayerNorm weights."""
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     no_decay = ("bias", "LayerNorm.weight")
     groups = [
