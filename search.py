@@ -6,29 +6,41 @@
     python search.py index --papers papers.csv.gz --model ORG/MOEBERT --output_dir my_index [--add] [--backend onnx]
     accelerate launch search.py index --papers pubmed.parquet --model ORG/MOEBERT --output_dir my_index  # N GPUs
     python search.py query --index my_index --queries questions.txt
+    python search.py query --id 10.1001/jama.2013.4 --id 10.1056/nejmoa0803399   # papers like these (ids indexed)
 
 A collection is a table with columns `id`, `text`, `domain`, read in pieces (moebert.search.collection); `index` writes a
 resumable index into `--output_dir` (moebert.search.index says what it holds), with any number of processes and
 machines under `accelerate launch` (each process encodes its share of the chunks); `query` embeds the query with the
-index's own model, through the expert of `--domain` or, without it, of the predicted domain.
+index's own model, through the expert of `--domain` or, without it, of the predicted domain; `query --id` ranks the
+collection by how likely each paper is to be co-cited with the given papers (from their stored vectors: nothing is
+embedded again).
 
 From Python:
 
     from moebert.search.index import PaperIndex
     index = PaperIndex.load("search_index")
     hits = index.search(["Baclofen for spasticity after stroke"], top_k=5)   # domain predicted
+    like = index.similar_to(["10.1001/jama.2013.4"], top_k=5)                  # papers like these
 """
 
-import argparse
-import json
-from pathlib import Path
+import time
+
+STARTED = time.perf_counter()  # before the imports below, which are part of what a user waits for
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 from moebert.data.tables import TableError, read_table
 from moebert.encoders.export.manifest import ExportError
-from moebert.encoders.options import EncodingOptions, add_encoding_arguments
+from moebert.encoders.options import EncodingOptions, add_encoding_arguments, serving_options
 from moebert.logs import show_logs
 from moebert.names import DEFAULT_OUTPUT_DIR
-from moebert.search.index import DEFAULT_INDEX_DIR, IVFPQ_ABOVE, IndexSettings, PaperIndex, SearchError, build_index
+from moebert.search.index import (DEFAULT_INDEX_DIR, IVFPQ_ABOVE, IndexSettings, PaperIndex, SearchError, build_index,
+                                  built_options)
+
+logger = logging.getLogger("moebert.search")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -52,11 +64,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                        "of resume and of the processes' shares)")
     index.add_argument("--classifier_sample", type=int, default=defaults.classifier_sample, help="papers the domain "
                        "classifier is fitted on, drawn from the whole collection")
-    add_encoding_arguments(index)
+    add_encoding_arguments(index, default="on a CPU onnx (int8, exported once and cached), on a GPU torch with bf16 "
+                           "where native; with --add, as the index was built")
     query = commands.add_parser("query", help="search an index")
     query.add_argument("--index", default=str(DEFAULT_INDEX_DIR))
     query.add_argument("--text", action="append", help="a query, repeatable")
     query.add_argument("--queries", help="a .txt file (one query per line) or a table with a text column")
+    query.add_argument("--id", action="append", dest="ids", help="an indexed paper's id, repeatable: papers likely to "
+                       "be co-cited with these, the given ones left out (instead of --text)")
     query.add_argument("--domain", default=None, help="the queries' domain (default: predicted per query)")
     query.add_argument("--top_k", type=int, default=10)
     query.add_argument("--nprobe", type=int, default=64, help="ivfpq: lists searched per query")
@@ -71,8 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             args.texts = (args.text or []) + (read_queries(args.queries) if args.queries else [])
         except TableError as error:
             parser.error(str(error))
-        if not args.texts:
-            parser.error("query needs --text or --queries")
+        if bool(args.texts) == bool(args.ids):
+            parser.error("query needs --text or --queries, or --id (papers like these), and not both")
     return args
 
 
@@ -81,6 +96,16 @@ def read_queries(path: str) -> list[str]:
     if Path(path).suffix == ".txt":
         return [line.strip() for line in open(path) if line.strip()]
     return read_table(path)["text"].astype(str).tolist()
+
+
+def print_similar(result: dict, as_json: bool):
+    if as_json:
+        print(json.dumps(result, default=str))
+        return
+    print(f"papers like: {', '.join(map(str, result['ids']))}")
+    for rank, hit in enumerate(result["hits"], 1):
+        chance = "" if hit["probability"] is None else f"  P(co-cited) {hit['probability']:.2f}"
+        print(f"  {rank:>3}. {hit['score']:.4f}{chance}  {hit['id']}  {hit['domain']}  (closest to {hit['closest']})")
 
 
 def print_results(texts: list[str], results: list[dict], as_json: bool):
@@ -95,16 +120,49 @@ def print_results(texts: list[str], results: list[dict], as_json: bool):
             print(f"  {rank:>3}. {hit['score']:.4f}{chance}  {hit['id']}  {hit['domain']}")
 
 
+def stage_clock():
+    """`on_stage(name)`: logs the seconds of each stage as it ends, the first counted from the process's start (the
+    imports included): where the whole command's time goes."""
+    last = [STARTED]
+
+    def on_stage(stage: str):
+        now = time.perf_counter()
+        logger.info(f"{now - last[0]:7.1f} s  {stage}")
+        last[0] = now
+
+    return on_stage
+
+
+def index_command(args, options: EncodingOptions) -> dict:
+    """Build (or add to) an index on the serving backend, saying which and why first, and timing each stage."""
+    if args.add and options.backend is None and options.precision is None:
+        options, why = built_options(Path(args.output_dir), options), "--add: as the index was built"
+    else:
+        options, why = serving_options(options)
+    print(f"backend {options.runtime} ({'int8' if options.runtime != 'torch' else options.dtype}): {why}", flush=True)
+    settings = IndexSettings(args.index_type, args.nlist, args.pq_m, args.train_size, args.chunk_size,
+                             args.classifier_sample)
+    clock = stage_clock()
+    manifest = build_index(args.papers, Path(args.output_dir), args.model, options, settings, args.add, on_stage=clock)
+    clock("the rest (manifest written)")
+    logger.info(f"{time.perf_counter() - STARTED:7.1f} s  the whole command")
+    return manifest
+
+
 def main(argv=None):
     show_logs()
     args = parse_args(argv)
     options = EncodingOptions.from_args(args)
     try:
         if args.command == "index":
-            settings = IndexSettings(args.index_type, args.nlist, args.pq_m, args.train_size, args.chunk_size,
-                                     args.classifier_sample)
-            return build_index(args.papers, Path(args.output_dir), args.model, options, settings, args.add)
+            return index_command(args, options)
         index = PaperIndex.load(args.index, args.model, options, args.nprobe, args.rerank)
+        logger.info(f"backend {args.backend or index.manifest.get('backend', 'torch')}: "
+                    + ("as given" if args.backend else "as the index was built"))
+        if args.ids:
+            result = index.similar_to(args.ids, args.top_k)
+            print_similar(result, args.json)
+            return result
         results = index.search(args.texts, args.domain, args.top_k)
         print_results(args.texts, results, args.json)
         return results

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import collection, requires_faiss
+from conftest import HEART, LUNG, collection, requires_faiss
 
 from modeling_moebert import MoEBertModel
 from moebert.data.pairs import SAMPLE_DIR
@@ -194,3 +194,82 @@ def test_search_without_faiss_is_refused_in_one_line_before_any_work(moe_folder,
         search.main(["index", "--papers", str(tmp_path / "papers.csv"), "--model", moe_folder, "--output_dir",
                      str(tmp_path / "index"), "--max_seq_length", "16", "--device", "cpu"])
     assert not (tmp_path / "index").exists()  # refused before a chunk was embedded
+
+
+def cocited_collection() -> tuple[pd.DataFrame, dict]:
+    """Six pairs of papers co-cited with each other, each pair's two abstracts on one narrow subject (most words
+    shared), the pairs on different subjects; {id: its co-cited partner}."""
+    rng = np.random.default_rng(1)
+    words = np.array(HEART + LUNG)
+    rows, partner = [], {}
+    for i in range(6):
+        subject = " ".join(rng.choice(words, 10))
+        domain = ("CVD", "COPD")[i % 2]
+        for side in ("a", "b"):
+            rows.append({"id": f"P{i}{side}", "text": f"{subject} report {side}", "domain": domain})
+        partner |= {f"P{i}a": f"P{i}b", f"P{i}b": f"P{i}a"}
+    return pd.DataFrame(rows), partner
+
+
+@requires_faiss
+@pytest.mark.parametrize("index_type", ["flat", "ivfpq"])
+def test_query_by_ids_ranks_co_cited_partners_first_and_leaves_the_given_papers_out(moe_folder, tmp_path, capsys,
+                                                                                    index_type):
+    papers, partner = cocited_collection()
+    if index_type == "ivfpq":  # IVF-PQ trains on 256 papers at least: the pairs among unrelated papers
+        papers = pd.concat([papers, collection(130)], ignore_index=True)
+    papers.to_csv(tmp_path / "papers.csv", index=False)
+    run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--backend", "torch", "--index_type", index_type,
+              *(["--pq_m", "8"] if index_type == "ivfpq" else []))
+    for paper in ("P0a", "P3b", "P4a"):
+        result = run_query(tmp_path / "index", "--id", paper, "--top_k", "3")
+        assert result["hits"][0]["id"] == partner[paper] and result["hits"][0]["closest"] == paper
+        assert paper not in [hit["id"] for hit in result["hits"]]
+    both = run_query(tmp_path / "index", "--id", "P1a", "--id", "P2b", "--top_k", "2")
+    assert {hit["id"] for hit in both["hits"]} == {"P1b", "P2a"}
+    assert {(hit["id"], hit["closest"]) for hit in both["hits"]} == {("P1b", "P1a"), ("P2a", "P2b")}
+    capsys.readouterr()
+    run_query(tmp_path / "index", "--id", "P5b", "--json", "--top_k", "1")
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["hits"][0]["id"] == "P5a"
+
+
+@requires_faiss
+def test_query_by_an_unknown_id_or_by_text_and_ids_at_once_is_refused_in_one_line(moe_folder, tmp_path, capsys):
+    papers, _ = cocited_collection()
+    papers.to_csv(tmp_path / "papers.csv", index=False)
+    run_index(tmp_path / "papers.csv", moe_folder, tmp_path / "index", "--backend", "torch")
+    with pytest.raises(SystemExit, match="unknown paper id 'P9z': this index holds 12 papers"):
+        run_query(tmp_path / "index", "--id", "P0a", "--id", "P9z")
+    with pytest.raises(SystemExit):
+        run_query(tmp_path / "index", "--id", "P0a", "--text", "heart")
+    assert "--id (papers like these), and not both" in capsys.readouterr().err
+
+
+def test_search_serves_on_int8_onnx_on_a_cpu_and_torch_bf16_where_native_unless_told():
+    from moebert.encoders.options import EncodingOptions, serving_options
+
+    cpu, why = serving_options(EncodingOptions(device="cpu"))
+    assert (cpu.runtime, cpu.dtype) == ("onnx", "fp32") and "fastest backend that meets every quality target" in why
+    gpu, why = serving_options(EncodingOptions(device="cuda"))
+    assert (gpu.runtime, gpu.precision) == ("torch", "auto") and "bf16 where it is native" in why
+    assert serving_options(EncodingOptions(device="cpu", precision="fp32"))[0].runtime == "torch"
+    given = EncodingOptions(backend="openvino", device="cpu")
+    assert serving_options(given) == (given, "--backend openvino, as given")
+
+
+@requires_faiss
+def test_index_by_default_runs_onnx_on_a_cpu_says_so_first_and_adds_alike(moe_folder, tmp_path, capsys):
+    collection(4).to_csv(tmp_path / "papers.csv", index=False)
+    out = tmp_path / "index"
+    manifest = search.main(["index", "--papers", str(tmp_path / "papers.csv"), "--model", moe_folder, "--output_dir",
+                            str(out), "--device", "cpu"])
+    assert manifest["backend"] == "onnx"
+    printed = capsys.readouterr()
+    assert printed.out.startswith("backend onnx (int8): a CPU: int8 ONNX Runtime")
+    stages = [line for line in printed.err.splitlines() if line.endswith((" s  model loaded", " s  the whole command"))]
+    assert len(stages) == 2 and float(stages[-1].split()[0]) > 0  # each stage's seconds, then the command's
+    collection(2, start=10).to_csv(tmp_path / "more.csv", index=False)
+    added = search.main(["index", "--papers", str(tmp_path / "more.csv"), "--model", moe_folder, "--output_dir",
+                         str(out), "--device", "cpu", "--add"])
+    assert added["backend"] == "onnx" and added["papers"] == 12
+    assert "--add: as the index was built" in capsys.readouterr().out

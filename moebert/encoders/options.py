@@ -7,7 +7,7 @@ backend's batch size, and the length the model was trained at (its config's `max
 """
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moebert.device import default_device
 
@@ -43,6 +43,21 @@ class EncodingOptions:
 
     def batch_size_for(self, backend: str) -> int:
         return self.batch_size or BATCH_SIZES[backend]
+
+
+def serving_options(options: EncodingOptions) -> tuple[EncodingOptions, str]:
+    """The options search serves with when the backend is not given, and why: on a CPU the int8 ONNX export (the
+    fastest backend that meets every quality target, docs/speed.md; exported once, cached), on an accelerator torch
+    with bf16 where it is native. `--precision` given alone keeps torch: it is torch's setting. eval.py keeps
+    torch fp32, the reference numbers."""
+    if options.backend is not None:
+        return options, f"--backend {options.backend}, as given"
+    if options.precision is not None:
+        return replace(options, backend="torch"), f"torch, since --precision {options.precision} was given"
+    if (options.device or "cpu") == "cpu":
+        return replace(options, backend="onnx"), ("a CPU: int8 ONNX Runtime, the fastest backend that meets every "
+                                                  "quality target (docs/speed.md; --backend torch for fp32)")
+    return replace(options, backend="torch", precision="auto"), f"{options.device}: torch, bf16 where it is native"
 
 
 def add_encoding_arguments(parser: argparse.ArgumentParser, default: str = ""):

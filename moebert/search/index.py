@@ -120,7 +120,7 @@ def build_index(papers_source: str | None, out: Path, model: str | None, options
     processes.wait_for_everyone()
     check_shared_folder(out, processes)
     part = _collection_part(manifest, papers_source, add)
-    done = set(_chunk_numbers(out))  # read by every process before any writes: all agree on the shares
+    done = set(chunk_numbers(out))  # read by every process before any writes: all agree on the shares
     processes.wait_for_everyone()
     skip = _indexed_ids(out, below=part["first"]) if add else set()
     _embed_share(encoder, papers_source, out, part, done, skip, settings, options, processes)
@@ -227,17 +227,17 @@ def _pieces(source, size: int, skip: set):
 def _check_done_chunk(out: Path, number: int, piece: pd.DataFrame, source):
     import pyarrow.parquet as pq
 
-    stored = pq.read_table(_chunk_file(out, number, ".parquet"), columns=["id"]).column("id").to_pylist()
+    stored = pq.read_table(chunk_file(out, number, ".parquet"), columns=["id"]).column("id").to_pylist()
     if stored != piece["id"].tolist():
         raise SearchError(f"{out} already holds papers that are not in this collection ({source}, chunk {number}): "
                           "pass --add to append these papers, or another --output_dir.")
 
 
-def _chunk_file(out: Path, number: int, suffix: str) -> Path:
+def chunk_file(out: Path, number: int, suffix: str) -> Path:
     return out / CHUNKS / f"{number:06d}{suffix}"
 
 
-def _chunk_numbers(out: Path) -> list[int]:
+def chunk_numbers(out: Path) -> list[int]:
     """The numbers of the finished chunks, in index order (a chunk without its papers table is unfinished)."""
     return sorted(int(p.stem) for p in (out / CHUNKS).glob("[0-9]*.parquet"))
 
@@ -260,13 +260,13 @@ def _papers(out: Path, columns=("id", "domain"), numbers: list[int] | None = Non
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    numbers = _chunk_numbers(out) if numbers is None else numbers
-    tables = [pq.read_table(_chunk_file(out, n, ".parquet"), columns=list(columns)) for n in numbers]
+    numbers = chunk_numbers(out) if numbers is None else numbers
+    tables = [pq.read_table(chunk_file(out, n, ".parquet"), columns=list(columns)) for n in numbers]
     return pa.concat_tables(tables).to_pandas() if tables else pd.DataFrame(columns=list(columns))
 
 
 def _indexed_ids(out: Path, below: int) -> set:
-    return set(_papers(out, ("id",), [n for n in _chunk_numbers(out) if n < below])["id"])
+    return set(_papers(out, ("id",), [n for n in chunk_numbers(out) if n < below])["id"])
 
 
 def _manifest_for(out: Path, model_name: str, fingerprint: str, encoder, options: EncodingOptions, index_type: str,
@@ -297,7 +297,7 @@ def _manifest_for(out: Path, model_name: str, fingerprint: str, encoder, options
 
 def _finish(out: Path, manifest: dict, settings: IndexSettings, on_stage) -> dict:
     """Once every chunk is written: ids checked unique, the FAISS index, the domain classifier, the manifest."""
-    numbers = _chunk_numbers(out)
+    numbers = chunk_numbers(out)
     ids = _papers(out, ("id",), numbers)["id"]
     if ids.duplicated().any():
         raise SearchError(f"--papers: ids occur more than once, e.g. {ids[ids.duplicated()].iloc[0]!r}; ids must be "
@@ -327,7 +327,7 @@ def _write_faiss(out: Path, manifest: dict, numbers: list[int], settings: IndexS
         indexed = 0
         index = _new_faiss_index(out, manifest, numbers, settings)
     for number in tqdm(numbers[indexed:], desc="adding to the index", unit="chunk", leave=False):
-        index.add(np.load(_chunk_file(out, number, ".npy"), allow_pickle=False))
+        index.add(np.load(chunk_file(out, number, ".npy"), allow_pickle=False))
     with writing_file(out / FAISS_FILE) as tmp:
         faiss.write_index(index, str(tmp))
     return {"indexed_chunks": len(numbers), "papers": index.ntotal}
@@ -338,7 +338,7 @@ def _new_faiss_index(out: Path, manifest: dict, numbers: list[int], settings: In
     first, on up to --train_size vectors drawn from every chunk."""
     faiss = faiss_module()
 
-    counts = [len(np.load(_chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False)) for n in numbers]
+    counts = [len(np.load(chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False)) for n in numbers]
     total = sum(counts)
     if manifest["index_type"] == "auto":
         manifest["index_type"] = "ivfpq" if total > IVFPQ_ABOVE else "flat"
@@ -361,7 +361,7 @@ def _draw(counts: list[int], size: int, seed: int = 0) -> list[np.ndarray]:
 def _sample_rows(out: Path, numbers: list[int], counts: list[int], size: int) -> np.ndarray:
     """The vectors of a uniform sample of rows, each chunk mapped only while its rows are read."""
     rows = _draw(counts, size)
-    return np.concatenate([np.load(_chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False)[r].astype(np.float32)
+    return np.concatenate([np.load(chunk_file(out, n, ".npy"), mmap_mode="r", allow_pickle=False)[r].astype(np.float32)
                            for n, r in zip(numbers, rows)])
 
 
@@ -369,7 +369,7 @@ def _sample_papers(out: Path, numbers: list[int], size: int) -> pd.DataFrame:
     """Texts and domains of a uniform sample of the papers (the domain classifier's data)."""
     import pyarrow.parquet as pq
 
-    files = [_chunk_file(out, n, ".parquet") for n in numbers]
+    files = [chunk_file(out, n, ".parquet") for n in numbers]
     rows = _draw([pq.ParquetFile(f).metadata.num_rows for f in files], size)
     parts = [pq.read_table(f, columns=["text", "domain"]).take(r).to_pandas() for f, r in zip(files, rows) if len(r)]
     return pd.concat(parts, ignore_index=True)
@@ -455,10 +455,7 @@ class PaperIndex:
             domains, probabilities = [domain] * len(texts), [None] * len(texts)
         with autocast(self.encoder.device, self.precision):
             vectors = embed(self.encoder, texts, domains)
-        if self.stored is None:
-            scores, rows = self.faiss_index.search(vectors, top_k)
-        else:
-            scores, rows = self.stored.rerank(vectors, self.faiss_index.search(vectors, top_k * self.rerank)[1], top_k)
+        scores, rows = self._nearest(vectors, top_k)
         results = []
         for query_domain, probability, row_scores, row_ids in zip(domains, probabilities, scores, rows):
             hits = [
@@ -469,6 +466,49 @@ class PaperIndex:
             results.append({"domain": query_domain, "domain_probability": probability and float(probability), "hits": hits})
         return results
 
+    def similar_to(self, ids: list, top_k: int = 10) -> dict:
+        """Papers like these: the collection ranked by how likely each paper is to be co-cited with any of the given
+        ones (indexed papers, each embedded by its own domain's expert), the given papers left out. Per hit: its best
+        cosine with a given paper, that paper (`closest`), and their calibrated P(co-cited) where both share a
+        domain. {"ids", "hits": [{"id", "domain", "score", "probability", "closest"}]}."""
+        rows = self.rows_of(ids)
+        given = set(rows.tolist())
+        scores, found = self._nearest(self.exact_vectors(rows), min(top_k + len(given), self.faiss_index.ntotal))
+        best: dict[int, tuple[float, int]] = {}  # candidate row -> (best cosine, the given row it was found from)
+        for source, row_scores, row_ids in zip(rows, scores, found):
+            for score, row in zip(row_scores.tolist(), row_ids.tolist()):
+                if row >= 0 and row not in given and score > best.get(row, (-np.inf,))[0]:
+                    best[row] = (score, int(source))
+        ranked = sorted(best.items(), key=lambda item: -item[1][0])[:top_k]
+        domains, paper_ids = self.papers["domain"], self.papers["id"]
+        hits = [{"id": paper_ids[r], "domain": domains[r], "score": score, "closest": paper_ids[source],
+                 "probability": self.cocitation_probability(score, domains[source], domains[r])}
+                for r, (score, source) in ranked]
+        return {"ids": list(ids), "hits": hits}
+
+    def rows_of(self, ids: list) -> np.ndarray:
+        """The index rows of these paper ids (compared as text: a command line gives "42" for the id 42); an unknown
+        id is refused naming it."""
+        if not ids:
+            raise SearchError("give at least one paper id.")
+        if not hasattr(self, "_row_of_id"):
+            self._row_of_id = {str(paper_id): row for row, paper_id in enumerate(self.papers["id"])}
+        unknown = [str(i) for i in ids if str(i) not in self._row_of_id]
+        if unknown:
+            raise SearchError(f"unknown paper id {unknown[0]!r}: this index holds {len(self.papers):,} papers "
+                              f"({', '.join(map(str, self.papers['id'][:3]))}, ...); give ids of indexed papers.")
+        return np.array([self._row_of_id[str(i)] for i in ids], dtype=np.int64)
+
+    def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of these rows, read from the chunk files (exact, also under IVF-PQ)."""
+        stored = self.stored or StoredVectors.open(self.folder, self.faiss_index.ntotal)
+        return stored.rows(rows)
+
+    def _nearest(self, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's best `top_k` per vector (scores, rows), IVF-PQ's candidates re-scored exactly where it keeps them."""
+        if self.stored is None:
+            return self.faiss_index.search(vectors, top_k)
+        return self.stored.rerank(vectors, self.faiss_index.search(vectors, top_k * self.rerank)[1], top_k)
 
     def cocitation_probability(self, cosine: float, query_domain: str, paper_domain: str) -> float | None:
         """The model's calibrated probability that the query and a paper of its own domain are co-cited; None for a
@@ -488,7 +528,7 @@ class StoredVectors:
     @classmethod
     def open(cls, folder: Path, count: int) -> "StoredVectors":
         """The chunks of the index in `folder`, which must hold the `count` vectors the FAISS index has."""
-        chunks = [np.load(_chunk_file(folder, n, ".npy"), mmap_mode="r", allow_pickle=False) for n in _chunk_numbers(folder)]
+        chunks = [np.load(chunk_file(folder, n, ".npy"), mmap_mode="r", allow_pickle=False) for n in chunk_numbers(folder)]
         stored = cls(chunks)
         if stored.starts[-1] < count:
             raise SearchError(f"{folder / CHUNKS} holds {stored.starts[-1]} vectors but the index {count}: the chunks "
@@ -510,6 +550,16 @@ class StoredVectors:
                 best = np.argsort(-exact, kind="stable")[:top_k]
                 scores[i, : len(best)], rows[i, : len(best)] = exact[best], found[best]
         return scores, rows
+
+
+def built_options(folder: Path, options: EncodingOptions) -> EncodingOptions:
+    """The options an existing index was built with (backend, precision), for adding to it alike; `options` as they
+    are where there is no index yet."""
+    if not (folder / MANIFEST).exists():
+        return options
+    manifest = json.loads((folder / MANIFEST).read_text())
+    return EncodingOptions(**(vars(options) | {"backend": manifest.get("backend", "torch"),
+                                               "precision": manifest.get("precision", "fp32")}))
 
 
 def query_options(options: EncodingOptions, manifest: dict) -> EncodingOptions:
