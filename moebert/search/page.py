@@ -75,7 +75,8 @@ def build_page(service: SearchService, title: str = "MoE-BERT search"):
                 ids = gr.Textbox(label="Or papers like these: paper ids, separated by commas", scale=3)
                 like_button = gr.Button("Papers like these", scale=1)
             found = gr.Markdown()
-            table = gr.Dataframe(headers=COLUMNS, wrap=True, interactive=False)
+            table = gr.Dataframe(headers=COLUMNS, wrap=True, interactive=False,
+                                 column_widths=["4%", "24%", "34%", "10%", "6%", "7%", "8%", "7%"])
         with gr.Tab("Compare two abstracts"):
             with gr.Row():
                 first = gr.Textbox(label="First abstract", lines=8)
