@@ -6,7 +6,8 @@ Every `test` paper of the embedded SYNERGY sample is in the collection, embedded
 index knows its papers' domains). Every test paper with co-cited partners in `test` is a query. Reported: MRR,
 Recall@10, nDCG@10, searching the whole collection and only the query's domain; for MoE-BERT models with the query's
 gold domain, with the domain predicted by `search.py`'s classifier (fitted on the train papers, never on test),
-and with no domain at all: the query through every expert, each scored against its own domain's papers, merged.
+and with no domain at all: the query through every expert, each scored against its own domain's papers, merged;
+and by paper id (`search.py query --id`: the test papers indexed by search's own code, each queried by its id).
 Models: TF-IDF (fitted on the train texts), the base model, and `outputs/shared-expert` and `outputs/moebert` when
 `train.py` wrote them. Prints the table (docs/results.md keeps it, dated) and writes a plot of Recall@k into
 `--output_dir`. Encoding options as in eval.py and search.py (moebert.encoders.options).
@@ -14,9 +15,11 @@ Models: TF-IDF (fitted on the train texts), the base model, and `outputs/shared-
 
 import argparse
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from moebert.data.pairs import load_domain_datasets, sample_specs
 from moebert.device import autocast
@@ -65,6 +68,24 @@ def merged_over_experts(encoder, texts: list[str], collection: np.ndarray, domai
     return similarity
 
 
+def by_paper_id(spec: str, options: EncodingOptions, texts: list[str], domains: list[str], partners: dict) -> dict:
+    """Queries by paper id through search's own path: the test papers indexed as `search.py index` indexes them, each
+    query `PaperIndex.similar_to([its id])` over the whole collection (its stored vector; itself left out)."""
+    from moebert.search.index import IndexSettings, PaperIndex, build_index
+
+    ids = [f"T{i}" for i in range(len(texts))]
+    similarity = np.full((len(texts), len(texts)), -np.inf, dtype=np.float32)
+    with tempfile.TemporaryDirectory() as folder:
+        papers = Path(folder) / "papers.parquet"
+        pd.DataFrame({"id": ids, "text": texts, "domain": domains}).to_parquet(papers)
+        build_index(str(papers), Path(folder) / "index", spec, options, IndexSettings())
+        index = PaperIndex.load(Path(folder) / "index", spec, options)
+        for query in partners:
+            for hit in index.similar_to([ids[query]], top_k=len(texts) - 1)["hits"]:
+                similarity[query, int(hit["id"][1:])] = hit["score"]
+    return {"all": ranking_metrics(similarity, partners, RECALL_KS)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", action="append", help="NAME=PATH, repeatable (default: base, shared, moebert, tfidf)")
@@ -98,6 +119,8 @@ def main():
                 results[f"{label}, predicted domain"] = scores(collection, queries, partners, predicted, domains)
                 merged = merged_over_experts(encoder, texts, collection, domains)
                 results[f"{label}, every expert merged"] = {"all": ranking_metrics(merged, partners, RECALL_KS)}
+        if encoder.routes_by_domain:
+            results[f"{label}, by paper id"] = by_paper_id(spec, options, texts, domains, partners)
         print(label, json.dumps({k: round(v["recall_at_10"], 4) for k, v in results[label].items()}))
     write_outputs(results, accuracy, len(texts), len(partners), args.output_dir)
 

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -29,12 +30,15 @@ def free_port() -> int:
 
 
 def serve(index: str, port: int) -> subprocess.Popen:
+    """app.py on loopback, once it listens; its output is read on (and shown until then), so it never blocks on a
+    full pipe."""
     server = subprocess.Popen([sys.executable, "app.py", "--index", index, "--port", str(port)], cwd=ROOT,
                               env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     for line in server.stdout:
         print(line, end="")
         if "Running on local URL" in line:
+            threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
             return server
     raise SystemExit("app.py exited before serving")
 

@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -98,6 +99,7 @@ def served(tiny_index):
             if "Running on local URL" in line or time.monotonic() > deadline:
                 break
         assert server.poll() is None, "app.py exited before serving"
+        threading.Thread(target=server.stdout.read, daemon=True).start()  # never blocked on a full pipe
         yield Client(f"http://127.0.0.1:{port}/", verbose=False), texts, partner, server
     finally:
         server.terminate()
