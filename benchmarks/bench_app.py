@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.browser_check import free_port, serve
+from benchmarks.app_server import free_port, serve
 
 BAD_INPUTS = {
     "empty query": ("/search", ("", "predict", 10)),

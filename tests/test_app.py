@@ -3,15 +3,13 @@ API as a client would, bad input included."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from benchmarks.app_server import free_port, serve
 from conftest import requires_faiss
 from moebert.encoders.interface import embed
 from moebert.search.index import PaperIndex
@@ -77,29 +75,15 @@ def test_the_service_answers_text_ids_and_two_abstracts_in_rows_with_titles(tiny
             call()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def served(tiny_index):
-    """app.py on loopback over the tiny index: (client, partner map, the server process)."""
+    """app.py on loopback over the tiny index: (client, texts by id, partner map, the server process)."""
     from gradio_client import Client
 
     folder, texts, partner = tiny_index
     port = free_port()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, "app.py", "--index", str(folder), "--port", str(port)], cwd=ROOT,
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = serve(str(folder), port)
     try:
-        deadline = time.monotonic() + 120
-        for line in server.stdout:  # the server says when it listens
-            if "Running on local URL" in line or time.monotonic() > deadline:
-                break
-        assert server.poll() is None, "app.py exited before serving"
-        threading.Thread(target=server.stdout.read, daemon=True).start()  # never blocked on a full pipe
         yield Client(f"http://127.0.0.1:{port}/", verbose=False), texts, partner, server
     finally:
         server.terminate()
