@@ -227,3 +227,17 @@ def test_the_best_model_is_the_first_to_score_highest_and_patience_counts_the_ev
     mean = BestModel("roc_auc", patience=None)  # the mean over domains; no patience: never stops early
     assert mean.update({"all": {"roc_auc": 0.9}, "mean": {"roc_auc": 0.6}}, step=0) and mean.value == 0.6
     assert not any(mean.update({}, step) for step in range(1, 20)) and not mean.should_stop()
+
+
+def test_a_specialists_stem_ends_at_the_input_of_its_first_trained_layer_and_depends_on_nothing_above(upper_moe):
+    model, tokenizer = upper_moe
+    first = min(model.config.moe_layers)
+    train_only(model, "moe_layers")
+    tokens = tokenizer([f"{model.config.domain_tokens[0]} {TEXTS[0]}"], return_tensors="pt")
+    with torch.no_grad():
+        states = model.stem_states(tokens["input_ids"], tokens["attention_mask"])
+        hidden = model(**tokens, output_hidden_states=True).hidden_states[first]  # the input of layer `first`
+    torch.testing.assert_close(states, hidden, atol=1e-6, rtol=0)
+    assert not [name for name, _ in model.stem_parameters() if name.startswith(f"encoder.layer.{first}.")]
+    train_only(model, "experts")  # a MoE's stem goes on through that layer's attention
+    assert [name for name, _ in model.stem_parameters() if name.startswith(f"encoder.layer.{first}.attention.")]
