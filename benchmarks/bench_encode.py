@@ -20,6 +20,11 @@ process of its own (so each reports its own peak memory), after a warm-up on 64 
   fp32 and int8, and OpenVINO fp32 and int8 (moebert.encoders.export.cache; exported in a process of its own before, the export
   time printed apart).
 
+- the whole `search.py index` command on the same papers (a parquet file of them), from its start to its end:
+  with its defaults on a cache of its own, the first time (the export included) and again (the export cached), and
+  with `--backend onnx` and `--backend torch`; its stage times (the lines it logs) are printed under the table, so a
+  path slower than its encoder shows where.
+
 Prints texts/s, the ratio to the reference, the lowest cosine of each vector to its fp32 twin (ours: torch fp32;
 sentence-transformers' ONNX: its own fp32) and the process's peak memory. The rows that use no bf16 are what a CPU
 without native bf16 gets.
@@ -28,6 +33,7 @@ without native bf16 gets.
 import argparse
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -49,10 +55,17 @@ ROWS = {
     "st-openvino-int8": "sentence-transformers OpenVINO, int8",
     "openvino-fp32": "ours, OpenVINO fp32",
     "openvino-int8": "ours, OpenVINO int8",
+    "index-first": "search.py index, first run (exports)",
+    "index": "search.py index (export cached)",
+    "index-onnx": "search.py index --backend onnx",
+    "index-torch": "search.py index --backend torch",
 }
 TWIN = {"st-onnx-int8": "st-fp32", "st-openvino-fp32": "st-fp32", "st-openvino-int8": "st-fp32",
         "torch-bf16": "torch-fp32", "onnx-fp32": "torch-fp32", "onnx-int8": "torch-fp32",
-        "openvino-fp32": "torch-fp32", "openvino-int8": "torch-fp32"}
+        "openvino-fp32": "torch-fp32", "openvino-int8": "torch-fp32", "index-first": "torch-fp32", "index": "torch-fp32",
+        "index-onnx": "torch-fp32", "index-torch": "torch-fp32"}
+COMMAND_FLAGS = {"index-first": [], "index": [], "index-onnx": ["--backend", "onnx"],
+                 "index-torch": ["--backend", "torch"]}  # rows that time the whole command a user runs
 EXPORTED = ("onnx", "openvino")  # our rows that export the model first
 OWN_PYTHON = {"st-onnx-int8": "st_onnx_python", "st-openvino-fp32": "st_openvino_python",
               "st-openvino-int8": "st_openvino_python"}  # rows that run in an environment of their own
@@ -218,6 +231,10 @@ def main():
         texts_file.write_text(json.dumps({"texts": papers["text"].tolist(), "domains": papers["domain"].tolist(),
                                           "calibration": calibration["text"].tolist()}))
         for row in rows:
+            if row in COMMAND_FLAGS:
+                print(f"running {ROWS[row]} ...", flush=True)
+                results[row] = index_command(row, papers, work)
+                continue
             python = getattr(args, OWN_PYTHON[row]) if row in OWN_PYTHON else sys.executable
             command = [python, "-m", "benchmarks.bench_encode", "--row", row, "--work", work, "--texts_file", str(texts_file),
                        "--base", default_base_model(), "--max_seq_length", str(args.max_seq_length),
@@ -232,6 +249,32 @@ def main():
             results[row] |= prepared or {}
             results[row]["vectors"] = np.load(Path(work) / f"{row}.npy")
         print_table(results, len(papers))
+
+
+def index_command(row: str, papers, work: str) -> dict:
+    """`search.py index` on these papers as a user runs it, timed from start to end in a process of its own (its
+    exports cached in the work folder: the first such row exports); its vectors read back from the index, in order."""
+    papers_file = Path(work) / "papers.parquet"
+    if not papers_file.exists():
+        papers.to_parquet(papers_file)
+    out = Path(work) / f"index-{row}"
+    command = [sys.executable, "search.py", "index", "--papers", str(papers_file), "--output_dir", str(out),
+               *COMMAND_FLAGS[row]]
+    env = os.environ | {"MOEBERT_CACHE": str(Path(work) / "command-cache")}
+    log, err = Path(work) / f"{row}.out", Path(work) / f"{row}.err"
+    started = time.perf_counter()
+    with open(log, "w") as stdout_file, open(err, "w") as stderr_file:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout_file, stderr=stderr_file)
+        _, status, usage = os.wait4(process.pid, 0)  # this process's own peak memory
+    seconds = time.perf_counter() - started
+    stdout, stderr = log.read_text(), err.read_text()
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
+    stages = [line.strip() for line in stderr.splitlines() if re.match(r"^\s*\d+\.\d s  ", line)]
+    vectors = np.concatenate([np.load(f) for f in sorted((out / "chunks").glob("*.npy"))])
+    return {"seconds": seconds, "setup": 0.0, "peak_mib": usage.ru_maxrss / 1024, "vectors": vectors,
+            "batch_size": 32 if "torch" in stdout.splitlines()[0] else 8, "first_line": stdout.splitlines()[0],
+            "stages": stages}
 
 
 def child(command: list[str]) -> dict | None:
@@ -251,6 +294,9 @@ def print_table(results: dict, count: int):
         cosine = f"{(result['vectors'] * twin['vectors']).sum(axis=1).min():21.5f}" if twin else f"{'':>21}"
         export = f"{result['setup']:9.1f}" if row.startswith(EXPORTED) else ""
         print(f"{ROWS[row]:36} {count / result['seconds']:8.1f} {ratio} {cosine} {result['peak_mib']:9.0f} {result['batch_size']:6} {export}")
+    for row, result in results.items():
+        if "stages" in result:
+            print(f"\n{ROWS[row]}, {result['seconds']:.1f} s: {result['first_line']}\n  " + "\n  ".join(result["stages"]))
 
 
 if __name__ == "__main__":
