@@ -273,7 +273,7 @@ def index_command(row: str, papers, work: str) -> dict:
     stages = [line.strip() for line in stderr.splitlines() if re.match(r"^\s*\d+\.\d s  ", line)]
     vectors = np.concatenate([np.load(f) for f in sorted((out / "chunks").glob("*.npy"))])
     return {"seconds": seconds, "setup": 0.0, "peak_mib": usage.ru_maxrss / 1024, "vectors": vectors,
-            "batch_size": 32 if "torch" in stdout.splitlines()[0] else 8, "first_line": stdout.splitlines()[0],
+            "batch_size": 32 if stdout.startswith("backend torch") else 8, "first_line": stdout.splitlines()[0],
             "stages": stages}
 
 

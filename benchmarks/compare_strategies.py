@@ -210,6 +210,7 @@ def main():
                   *[f"--dataset={s}" for s in args.dataset or []]]
     print("scoring every row on test", flush=True)
     training["eval"] = {"eval.py": run_measured(evaluation, out / "eval.log")}
+    (out / "training.json").write_text(json.dumps(training, indent=2) + "\n")
     costs = serving_costs(args, out, rows)
     report = ((out / "eval" / "results.md").read_text() + "\n\nServing every domain, one process per row (CPU):\n\n"
               + cost_table(costs, training) + "\n")

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.app_server import free_port, serve
-from conftest import requires_faiss
+from conftest import requires, requires_faiss
 from moebert.encoders.interface import embed
 from moebert.search.index import PaperIndex
 from moebert.search.service import MAX_QUERY_CHARS, QueryError, SearchService, checked_text, parse_ids, title_and_snippet
 from test_search import cocited_collection, run_index
 
 ROOT = Path(__file__).resolve().parents[1]
+requires_gradio = requires("gradio", "the search page is a Gradio app (gradio, gradio_client)")
 BAD_INPUTS = {  # input -> what its message must say
     "": "the query is empty",
     "x" * 100_000: "the query is 100,000 characters: paste at most",
@@ -91,6 +92,7 @@ def served(tiny_index):
 
 
 @requires_faiss
+@requires_gradio
 def test_the_page_is_served_on_loopback_and_answers_its_http_api_bad_input_included(served):
     from gradio_client.exceptions import AppError
 
@@ -117,6 +119,8 @@ def test_the_page_is_served_on_loopback_and_answers_its_http_api_bad_input_inclu
     assert server.poll() is None  # still serving
 
 
+@requires_faiss
+@requires_gradio
 def test_without_an_index_the_app_refuses_in_one_line(tmp_path):
     result = subprocess.run([sys.executable, "app.py", "--index", str(tmp_path / "none")], cwd=ROOT,
                             capture_output=True, text=True, env=os.environ | {"HF_HUB_OFFLINE": "1"}, timeout=300)

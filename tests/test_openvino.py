@@ -143,9 +143,14 @@ def test_eval_and_search_run_on_openvino(tiny_bert, tiny_data, tmp_path, export_
     [result] = run_query(tmp_path / "index", "--text", papers["text"][3], "--top_k", "2")  # openvino, as built
     assert result["hits"][0]["id"] == papers["id"][3] and result["hits"][0]["score"] == pytest.approx(1, abs=1e-5)
     model, tokenizer = load_moebert(folder)  # a model built in memory (search's embedded default) is exported too
-    in_memory = encoder_of_model(model, tokenizer, "in-memory", EncodingOptions(backend="openvino", max_seq_length=64),
-                                  "tiny")
+    options = EncodingOptions(backend="openvino", max_seq_length=64)
+    in_memory = encoder_of_model(lambda: (model, tokenizer), "in-memory", options, "tiny")
     assert isinstance(in_memory, OpenVinoEncoder) and in_memory.folder.parent == export_cache / "openvino"
+
+    def not_needed():
+        raise AssertionError("the export is cached: no model needs making")
+
+    assert encoder_of_model(not_needed, "in-memory", options, "tiny").folder == in_memory.folder
 
 
 def test_nncf_sends_no_usage_data(tmp_path):

@@ -1,5 +1,5 @@
 """The one function that turns a model name into an encoder (`load_encoder`: eval.py, search.py, the benchmarks), and
-the encoder of a MoE-BERT already in memory (`encoder_of_model`: search's embedded model), each on the backend and
+the encoder of a MoE-BERT made in memory (`encoder_of_model`: search's embedded model), each on the backend and
 at the length the options ask for (by default the length the model was trained at)."""
 
 from transformers import PretrainedConfig
@@ -41,11 +41,13 @@ def load_encoder(spec: str, options: EncodingOptions, trust_remote_code: bool = 
     return TransformerEncoder(model.to(options.device).eval(), tokenizer, length, options.batch_size_for("torch"))
 
 
-def encoder_of_model(model, tokenizer, fingerprint: str, options: EncodingOptions, source: str) -> Encoder:
-    """The encoder of a MoE-BERT built in memory (search's embedded model), on the options' backend; an ONNX export
-    of it is cached by `fingerprint`."""
-    length = options.max_seq_length or model.config.sequence_length()
+def encoder_of_model(load_model, fingerprint: str, options: EncodingOptions, source: str) -> Encoder:
+    """The encoder of a MoE-BERT made in memory by `load_model() -> (model, tokenizer)` (search's embedded model), on
+    the options' backend. On an exported backend the model is made only when the cache has no export of it (keyed by
+    `fingerprint`): a cached export needs no torch model in memory."""
     if options.runtime in EXPORTED:
-        return cached_export_encoder(fingerprint, lambda: (model, tokenizer), length,
+        return cached_export_encoder(fingerprint, load_model, options.max_seq_length,
                                      options.batch_size_for(options.runtime), options.runtime, source=source)
+    model, tokenizer = load_model()
+    length = options.max_seq_length or model.config.sequence_length()
     return TransformerEncoder(model.to(options.device).eval(), tokenizer, length, options.batch_size_for("torch"))

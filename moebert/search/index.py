@@ -84,8 +84,8 @@ def index_encoder(spec: str | None, options: EncodingOptions):
     if spec == EMBEDDED_MODEL:
         domains = list(sample_specs())
         fingerprint = weights_fingerprint(default_base_model(), domains)
-        model, tokenizer = build_model(DEFAULT_BASE_MODEL_ID, domains)
-        return encoder_of_model(model, tokenizer, fingerprint, options, spec), spec, fingerprint
+        encoder = encoder_of_model(lambda: build_model(DEFAULT_BASE_MODEL_ID, domains), fingerprint, options, spec)
+        return encoder, spec, fingerprint
     try:
         encoder = load_encoder(spec, options)
     except (OSError, ValueError) as error:

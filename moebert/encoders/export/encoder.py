@@ -27,7 +27,8 @@ class ExportedEncoder(Encoder):
         self.config = config or MoEBertConfig.from_pretrained(self.folder)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder, config=self.config)
         self.fingerprint = self.manifest["fingerprint"]
-        self.max_seq_length, self.batch_size = max_seq_length, batch_size
+        self.max_seq_length = max_seq_length or self.config.sequence_length()  # None: the length it was trained at
+        self.batch_size = batch_size
         self.graphs = {}
 
     @property
