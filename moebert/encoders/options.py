@@ -46,8 +46,9 @@ class EncodingOptions:
 
 
 def serving_options(options: EncodingOptions) -> tuple[EncodingOptions, str]:
-    """The options search serves with when the backend is not given, and why: on a CPU the int8 ONNX export (the
-    fastest backend that meets every quality target, docs/speed.md; exported once, cached), on an accelerator torch
+    """The options search serves with when the backend is not given, and why: on a CPU the int8 ONNX export (it
+    meets every quality target, and is the fastest backend where the CPU has VNNI; without, about as fast as fp32
+    ONNX: docs/search.md; exported once, cached), on an accelerator torch
     with bf16 where it is native. `--precision` given alone keeps torch: it is torch's setting. eval.py keeps
     torch fp32, the reference numbers."""
     if options.backend is not None:
@@ -55,8 +56,9 @@ def serving_options(options: EncodingOptions) -> tuple[EncodingOptions, str]:
     if options.precision is not None:
         return replace(options, backend="torch"), f"torch, since --precision {options.precision} was given"
     if (options.device or "cpu") == "cpu":
-        return replace(options, backend="onnx"), ("a CPU: int8 ONNX Runtime, the fastest backend that meets every "
-                                                  "quality target (docs/speed.md; --backend torch for fp32)")
+        return replace(options, backend="onnx"), ("a CPU: int8 ONNX Runtime, which meets every quality target and "
+                                                  "is the fastest backend where the CPU has VNNI (docs/speed.md; "
+                                                  "--backend torch for fp32)")
     return replace(options, backend="torch", precision="auto"), f"{options.device}: torch, bf16 where it is native"
 
 
