@@ -17,14 +17,16 @@ def free_port() -> int:
 
 
 def serve(index: str, port: int) -> subprocess.Popen:
-    """app.py on loopback, once it listens; its output is read on (and shown until then), so it never blocks on a
-    full pipe."""
+    """app.py on loopback, once it listens; its output is read on (shown until then, kept in `server.output`), so it
+    never blocks on a full pipe."""
     server = subprocess.Popen([sys.executable, "app.py", "--index", index, "--port", str(port)], cwd=ROOT,
                               env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
+    server.output = []
     for line in server.stdout:
         print(line, end="")
+        server.output.append(line)
         if "Running on local URL" in line:
-            threading.Thread(target=lambda: [None for _ in server.stdout], daemon=True).start()
+            threading.Thread(target=lambda: server.output.extend(server.stdout), daemon=True).start()
             return server
     raise SystemExit("app.py exited before serving")

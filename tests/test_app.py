@@ -104,8 +104,7 @@ def test_the_page_is_served_on_loopback_and_answers_its_http_api_bad_input_inclu
     assert found == "Papers likely co-cited with P0a." and table["data"][0][6] == partner["P0a"]
     verdict = client.predict("Title. Heart failure.", "Title. Atrial fibrillation.", "CVD", api_name="/compare")
     assert verdict.startswith("Domain **CVD** (chosen): cosine **") and "no calibration in this model" in verdict
-    # an unknown domain is refused by the page's own list of choices, naming them
-    bad = {**BAD_INPUTS, "unknown domain": "SKIN is not in the list of choices: ['predict', 'CVD', 'COPD']",
+    bad = {**BAD_INPUTS, "unknown domain": "unknown domain 'SKIN': choose one of ['CVD', 'COPD'], or 'predict'",
            "unknown id": "unknown paper id 'nope'"}
     for text, message in bad.items():
         with pytest.raises(AppError, match=re.escape(message)):
@@ -117,6 +116,8 @@ def test_the_page_is_served_on_loopback_and_answers_its_http_api_bad_input_inclu
                 client.predict(text, "predict", 2, api_name="/search")
         assert client.predict(texts["P4a"], "CVD", 1, api_name="/search")[1]["data"][0][6] == "P4a"
     assert server.poll() is None  # still serving
+    tracebacks = [i for i, line in enumerate(server.output) if "Traceback" in line]
+    assert not tracebacks, "".join(server.output[tracebacks[0]:][:40]) if tracebacks else ""  # a bad input is no crash
 
 
 @requires_faiss

@@ -68,7 +68,8 @@ def build_page(service: SearchService, title: str = "MoE-BERT search"):
             with gr.Row():
                 text = gr.Textbox(label="Query: a title, an abstract or a few words", lines=3, scale=3)
                 with gr.Column(scale=1):
-                    domain = gr.Dropdown(domains, value=PREDICT, label="Domain")
+                    # typed or API values reach the service's own check (Gradio's would log a traceback)
+                    domain = gr.Dropdown(domains, value=PREDICT, label="Domain", allow_custom_value=True)
                     top_k = gr.Slider(1, 50, value=10, step=1, label="Results")
             search_button = gr.Button("Search", variant="primary")
             with gr.Row():
@@ -81,7 +82,7 @@ def build_page(service: SearchService, title: str = "MoE-BERT search"):
             with gr.Row():
                 first = gr.Textbox(label="First abstract", lines=8)
                 second = gr.Textbox(label="Second abstract", lines=8)
-            compare_domain = gr.Dropdown(domains, value=PREDICT, label="Domain")
+            compare_domain = gr.Dropdown(domains, value=PREDICT, label="Domain", allow_custom_value=True)
             compare_button = gr.Button("Compare", variant="primary")
             verdict = gr.Markdown()
         search_button.click(answered(search), [text, domain, top_k], [found, table], api_name="search")
