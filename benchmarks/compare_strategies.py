@@ -124,8 +124,8 @@ def serve(label: str, spec: str, count: int, datasets: list[str] | None) -> dict
         texts += unique[: count // len(loaded)]
         domains += [domain] * len(unique[: count // len(loaded)])
     encoder = load_encoder(spec, EncodingOptions(device="cpu"))
-    embed(encoder, texts[:8], domains[:8])  # loads every specialist it touches, warms the rest up
-    embed(encoder, texts, domains)  # every specialist loaded before timing
+    first_of_each = [domains.index(d) for d in dict.fromkeys(domains)]
+    embed(encoder, [texts[i] for i in first_of_each], [domains[i] for i in first_of_each])  # every specialist loaded
     started = time.perf_counter()
     embed(encoder, texts, domains)
     seconds = time.perf_counter() - started

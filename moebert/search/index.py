@@ -20,6 +20,7 @@ import logging
 import socket
 import uuid
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -491,18 +492,25 @@ class PaperIndex:
         id is refused naming it."""
         if not ids:
             raise SearchError("give at least one paper id.")
-        if not hasattr(self, "_row_of_id"):
-            self._row_of_id = {str(paper_id): row for row, paper_id in enumerate(self.papers["id"])}
-        unknown = [str(i) for i in ids if str(i) not in self._row_of_id]
+        unknown = [str(i) for i in ids if str(i) not in self.row_of_id]
         if unknown:
             raise SearchError(f"unknown paper id {unknown[0]!r}: this index holds {len(self.papers):,} papers "
                               f"({', '.join(map(str, self.papers['id'][:3]))}, ...); give ids of indexed papers.")
-        return np.array([self._row_of_id[str(i)] for i in ids], dtype=np.int64)
+        return np.array([self.row_of_id[str(i)] for i in ids], dtype=np.int64)
+
+    @cached_property
+    def row_of_id(self) -> dict[str, int]:
+        """Each paper's index row by its id as text; made on the first query by id, then kept."""
+        return {str(paper_id): row for row, paper_id in enumerate(self.papers["id"])}
 
     def exact_vectors(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of these rows, read from the chunk files (exact, also under IVF-PQ)."""
-        stored = self.stored or StoredVectors.open(self.folder, self.faiss_index.ntotal)
-        return stored.rows(rows)
+        return self.chunk_vectors.rows(rows)
+
+    @cached_property
+    def chunk_vectors(self) -> "StoredVectors":
+        """The stored vectors, memory-mapped once (IVF-PQ's re-scoring already holds them)."""
+        return self.stored or StoredVectors.open(self.folder, self.faiss_index.ntotal)
 
     def _nearest(self, vectors: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's best `top_k` per vector (scores, rows), IVF-PQ's candidates re-scored exactly where it keeps them."""

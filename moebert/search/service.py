@@ -81,7 +81,6 @@ class SearchService:
     def __init__(self, index: PaperIndex):
         self.index = index
         self.texts = PaperTexts(index.folder)
-        self.row_of_id = {str(i): row for row, i in enumerate(index.papers["id"])}
         self.domains = list(index.manifest["domains"])
         self.calibrated = bool((index.encoder.config.calibration or {}).get("parameters"))
 
@@ -133,7 +132,7 @@ class SearchService:
         return top_k
 
     def _row(self, rank: int, hit: dict) -> dict:
-        title, snippet = title_and_snippet(self.texts[self.row_of_id[str(hit["id"])]])
+        title, snippet = title_and_snippet(self.texts[self.index.row_of_id[str(hit["id"])]])
         return {"rank": rank, "id": str(hit["id"]), "title": title, "snippet": snippet, "domain": hit["domain"],
                 "score": round(hit["score"], 4),
                 "probability": None if hit["probability"] is None else round(hit["probability"], 3)} | (
