@@ -117,7 +117,7 @@ def report(args, results: dict, predictions: dict) -> str:
         gains = eval_report.bootstrap_gains(predictions, scored_references, args.bootstrap)
         for model, per_reference in gains.items():
             results[model]["bootstrap"] = {"resamples": args.bootstrap} | per_reference
-        tables += "\n\n" + eval_report.gains_table(gains)
+        tables += "\n\n" + eval_report.gains_table(gains) + "\n\n" + eval_report.domain_gains_table(gains)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_file(args.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
     eval_report.write_predictions(args.output_dir / "predictions.csv", predictions)

@@ -1,6 +1,6 @@
 """Contrastive training of MoE-BERT on co-cited abstract pairs, with Accelerate.
 
-    python train.py                                   # embedded sample and base model: 17 minutes on a 2-core CPU
+    python train.py                                   # embedded sample and base model: 11 to 26 min on 2 cores
     accelerate launch train.py --recipe full          # the same data, all train pairs at 256 tokens: a GPU
     python train.py --model_name_or_path sentence-transformers/all-mpnet-base-v2 --recipe quick-base \
         --output_dir outputs/moebert-mpnet            # a stronger base on a CPU: under an hour
@@ -129,6 +129,10 @@ def add_loop_arguments(parser):
     parser.add_argument("--per_device_eval_batch_size", type=int, default=64)
     parser.add_argument("--batching", default="domain", choices=["mixed", "domain"], help="domain: every (global) "
                         "batch from one domain, so the in-batch negatives are same-domain abstracts (harder)")
+    parser.add_argument("--domain_sampling_alpha", type=float, default=RECIPE, help="--batching domain: each domain's "
+                        "share of the batches is its train pairs to this power; 1: every pair once an epoch; below 1, "
+                        "small domains get more batches (their pairs repeat) and large ones fewer (recipe: "
+                        f"{recipe_values('domain_sampling_alpha')})")
     parser.add_argument("--learning_rate", type=float, default=RECIPE, help=f"(recipe: {recipe_values('learning_rate')})")
     parser.add_argument("--weight_decay", type=float, default=0.01)
     parser.add_argument("--warmup_ratio", type=float, default=0.1)
@@ -228,7 +232,7 @@ def prepare(args, accelerator: Accelerator, workspace: Workspace) -> Run:
         stems = open_stem_states(model, tokenizer, datasets, train_pairs, args, accelerator, workspace)
     collate = make_collate(model, tokenizer, args.max_seq_length, stems)
     dataloader = train_dataloader(train_pairs, collate, args.batching, args.per_device_train_batch_size,
-                                  accelerator.num_processes, args.seed)
+                                  accelerator.num_processes, args.seed, args.domain_sampling_alpha)
     batch_sampler = dataloader.batch_sampler  # before prepare(), which may wrap it
     if args.gradient_checkpointing:  # recompute activations in the backward pass: less memory, more compute
         model.activation_checkpointing_enable({"use_reentrant": False})

@@ -31,11 +31,12 @@ TRAINED_ROWS = ("moe", "specialists", "shared")
 MPNET = "sentence-transformers/all-mpnet-base-v2"
 
 
-def specialist_steps(train_pairs: dict[str, int], total: int) -> dict[str, int]:
-    """The budget of `total` steps shared in proportion to each domain's train pairs (at least one step each),
-    rounded so that the shares add up to `total` (largest remainders first)."""
-    pairs = sum(train_pairs.values())
-    exact = {d: total * n / pairs for d, n in train_pairs.items()}
+def specialist_steps(train_pairs: dict[str, int], total: int, alpha: float = 1.0) -> dict[str, int]:
+    """The budget of `total` steps shared in proportion to each domain's train pairs to the power `alpha`, as the
+    MoE's domain batches are (at least one step each), rounded so that the shares add up to `total` (largest
+    remainders first)."""
+    weights = {d: n**alpha for d, n in train_pairs.items()}
+    exact = {d: total * w / sum(weights.values()) for d, w in weights.items()}
     steps = {d: int(x) for d, x in exact.items()}
     for d in sorted(exact, key=lambda d: exact[d] - steps[d], reverse=True)[: total - sum(steps.values())]:
         steps[d] += 1
@@ -69,6 +70,7 @@ def train_rows(args, out: Path) -> dict:
     common += ["--model_name_or_path", args.model_name_or_path] if args.model_name_or_path else []
     budget = ["--max_train_steps", str(args.max_train_steps)] if args.max_train_steps else []
     total = args.max_train_steps or recipe_steps(args.recipe)
+    recipe_alpha = recipe_value(args.recipe, "domain_sampling_alpha")
     every = ["--eval_steps", str(max(1, total // 10))] if args.max_train_steps else []
     runs = {
         "moe": [(out / "moe", [*budget, *every])],
@@ -76,7 +78,7 @@ def train_rows(args, out: Path) -> dict:
                                      "--load_best_model_at_end"])],
         "specialists": [(out / "specialists" / d, ["--specialist", d, "--max_train_steps", str(n), "--eval_steps",
                                                    str(max(1, n // 10))])
-                        for d, n in specialist_steps(train_pair_counts(args.dataset), total).items()],
+                        for d, n in specialist_steps(train_pair_counts(args.dataset), total, recipe_alpha).items()],
     }
     costs = json.loads((out / "training.json").read_text()) if (out / "training.json").exists() else {}
     for row, row_runs in runs.items():
@@ -90,10 +92,14 @@ def train_rows(args, out: Path) -> dict:
     return costs
 
 
-def recipe_steps(recipe: str) -> int:
+def recipe_value(recipe: str, setting: str):
     from moebert.training.recipes import RECIPES
 
-    steps = RECIPES[recipe]["max_train_steps"]
+    return RECIPES[recipe][setting]
+
+
+def recipe_steps(recipe: str) -> int:
+    steps = recipe_value(recipe, "max_train_steps")
     if steps is None:
         raise SystemExit(f"error: recipe {recipe} trains by epochs; give --max_train_steps to share a step budget")
     return steps

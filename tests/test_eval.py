@@ -165,7 +165,10 @@ def test_bootstrap_gains_are_written_and_printed(tmp_path, capsys):
     results = eval_script.main([*args, "--reference", "tfidf"])
     gain = json.loads((out / "results.json").read_text())["again"]["bootstrap"]
     assert gain["resamples"] == 50 and gain["vs tfidf"]["mean"]["roc_auc"] == {"gain": 0.0, "low": 0.0, "high": 0.0}
-    assert "bootstrap" not in results["tfidf"] and "| again vs tfidf | +0.000 [+0.000, +0.000]" in capsys.readouterr().out
+    assert gain["vs tfidf"]["SKIN"]["roc_auc"] == {"gain": 0.0, "low": 0.0, "high": 0.0}
+    printed = capsys.readouterr().out
+    assert "bootstrap" not in results["tfidf"] and "| again vs tfidf | +0.000 [+0.000, +0.000]" in printed
+    assert "| roc_auc gain per domain (95% CI) | CVD | SKIN |" in printed
     with pytest.raises(SystemExit):
         eval_script.main([*args, "--reference", "nosuchmodel"])
     assert "--reference 'nosuchmodel' is not one of the models" in capsys.readouterr().err

@@ -164,6 +164,26 @@ def test_bootstrap_is_paired_the_same_pairs_for_both_models():
         assert gains["shifted"]["mean"][metric] == pytest.approx({"gain": 0.0, "low": 0.0, "high": 0.0}, abs=1e-12)
 
 
+def test_bootstrap_gives_each_domain_its_own_interval():
+    # a model better on CVD only, the same ranking as the reference on COPD: the mean gains, COPD's gain is exactly 0
+    reference = two_domains(lambda y, rng: rng.normal(0.5 * y, 1.0), seed=7)
+    sharper = dict(reference, CVD=(reference["CVD"][0] + 2.0 * reference["CVD"][1], reference["CVD"][1]))
+    gains = paired_bootstrap({"sharper": sharper, "reference": reference}, "reference", resamples=300, seed=1)
+    cvd = gains["sharper"]["CVD"]["roc_auc"]
+    assert 0 < cvd["low"] < cvd["gain"] < cvd["high"]
+    assert gains["sharper"]["COPD"]["roc_auc"] == {"gain": 0.0, "low": 0.0, "high": 0.0}
+    assert gains["sharper"]["mean"]["roc_auc"]["gain"] == pytest.approx(cvd["gain"] / 2)
+    # each domain's interval is the percentile interval of that domain's paired differences
+    labels = {d: y for d, (_, y) in reference.items()}
+    rng = np.random.default_rng(1)
+    differences = []
+    for _ in range(300):
+        draw = _stratified_draw(labels, rng)["CVD"]
+        y = labels["CVD"][draw]
+        differences.append(roc_auc(sharper["CVD"][0][draw], y) - roc_auc(reference["CVD"][0][draw], y))
+    assert [cvd["low"], cvd["high"]] == pytest.approx(np.percentile(differences, [2.5, 97.5]).tolist(), abs=1e-12)
+
+
 def test_at_threshold_by_hand_and_when_nothing_is_called_co_cited():
     scores, labels = [0.9, 0.8, 0.7, 0.2], [1, 0, 1, 0]
     # >= 0.75: 0.9 and 0.8 called, tp 1: precision 1/2, recall 1/2, F1 1/2, accuracy 2/4

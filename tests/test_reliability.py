@@ -20,6 +20,7 @@ from test_train import run_train
 from configuration_moebert import MoEBertConfig
 from modeling_moebert import MoEBertModel
 from moebert.atomic import recover_folder, replace_folder
+from moebert.training.recipes import RECIPES
 from moebert.training.state import CheckpointError, TrainingState
 from moebert.training.workspace import Workspace, check_fits, save_model
 import train
@@ -255,7 +256,8 @@ def stopped_line(streams) -> str:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from(tiny_bert, tiny_data, tmp_path, signum,
                                                                                 optimizer_steps):
-    warmup = 10_000  # --max_train_steps 100000: the learning rate climbs by 5e-5 / 10000 a step throughout
+    warmup = 10_000  # --max_train_steps 100000: the learning rate climbs by rate / 10000 a step throughout
+    rate = RECIPES["quick"]["learning_rate"]
     out = tmp_path / "out"
     process, streams = start_training(tiny_bert, tiny_data, out)
     wait_for(streams, "err", "training:", process)  # the loop has started
@@ -267,14 +269,14 @@ def test_a_signal_stops_training_after_the_step_with_a_checkpoint_to_resume_from
     assert step > 0 and f"checkpoint in {workspace_of(out) / f'checkpoint-{step}'}" in stopped
     assert stopped.rstrip().endswith("--resume_from_checkpoint latest")
     taken = counted_steps(steps_record(out))  # it stopped right after the step it names
-    assert taken == pytest.approx([5e-5 * k / warmup for k in range(step)], rel=1e-6, abs=1e-15)
+    assert taken == pytest.approx([rate * k / warmup for k in range(step)], rel=1e-6, abs=1e-15)
     assert (workspace_of(out) / f"checkpoint-{step}" / "model" / "config.json").is_file() and not out.exists()
     optimizer_steps.stop_after = 2  # this process signals itself after two steps of the resumed run
     with pytest.raises(SystemExit, match=f"^{128 + signal.SIGTERM}$"):
         run_train(tiny_bert, tiny_data, out, "--max_train_steps", "100000", "--eval_steps", "0",
                   "--resume_from_checkpoint", "latest")
     # the checkpoint's step, schedule and weights went on: the next two steps at the uninterrupted run's rates
-    assert optimizer_steps == pytest.approx([5e-5 * k / warmup for k in (step, step + 1)], rel=1e-6)
+    assert optimizer_steps == pytest.approx([rate * k / warmup for k in (step, step + 1)], rel=1e-6)
     assert (workspace_of(out) / f"checkpoint-{step + 2}" / "model" / "model.safetensors").is_file()
 
 

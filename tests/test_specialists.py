@@ -95,3 +95,5 @@ def test_the_comparison_shares_its_step_budget_between_specialists_by_their_trai
     steps = specialist_steps({"big": 600, "mid": 297, "small": 3}, 750)
     assert steps == {"big": 500, "mid": 248, "small": 2} and sum(steps.values()) == 750
     assert specialist_steps({"a": 1000, "tiny": 1}, 10) == {"a": 10, "tiny": 1}  # every domain trains at least once
+    # the recipe's domain sampling: shares by pairs to the power alpha (sqrt: 40 : 10 : 5 of 550 steps)
+    assert specialist_steps({"big": 1600, "mid": 100, "small": 25}, 550, alpha=0.5) == {"big": 400, "mid": 100, "small": 50}

@@ -483,6 +483,31 @@ def test_domain_batches_hold_one_domain_per_global_batch(caplog):
             assert list(shard) == batches[rank::2] and len(shard) == 3
 
 
+def test_domain_sampling_alpha_shares_the_epoch_by_pairs_to_that_power():
+    domain_ids = [0] * 64 + [1] * 16 + [2] * 4  # 32, 8 and 2 batches of 2 in one pass
+    by_domain = lambda sampler: np.bincount([domain_ids[b[0]] for b in sampler], minlength=3).tolist()  # noqa: E731
+    one_pass = DomainBatchSampler(domain_ids, batch_size=2, num_processes=1, seed=3, alpha=1.0)
+    assert by_domain(one_pass) == [32, 8, 2] and len(one_pass) == 42
+    # alpha 1 is the proportional order, draw for draw (a run without the flag keeps its batches)
+    rng = np.random.default_rng([3, 0])
+    groups = [rng.permutation(np.flatnonzero(np.array(domain_ids) == d)) for d in range(3)]
+    expected = [g[i : i + 2].tolist() for g in groups for i in range(0, len(g), 2)]
+    assert list(one_pass) == [expected[i] for i in rng.permutation(42)]
+    uneven = [0] * 31 + [1] * 3 + [2] * 3  # shares by pairs would round domain 0 down to 14 of the 17 batches
+    assert len(DomainBatchSampler(uneven, batch_size=2, num_processes=1, seed=3, alpha=1.0)) == 17
+    # alpha 0.5: shares 8 : 4 : 2 of the same 42 batches; the smallest domain's 4 pairs come round 3 times
+    balanced = DomainBatchSampler(domain_ids, batch_size=2, num_processes=1, seed=3, alpha=0.5)
+    batches = list(balanced)
+    assert by_domain(batches) == [24, 12, 6] and len(balanced) == len(batches) == 42
+    assert all(len(set(b)) == 2 for b in batches)  # a repeated pair never meets itself in a batch
+    smallest = [i for b in batches if domain_ids[b[0]] == 2 for i in b]
+    assert sorted(smallest) == sorted(list(range(80, 84)) * 3)
+    large = [i for b in batches if domain_ids[b[0]] == 0 for i in b]
+    assert len(set(large)) == len(large) == 48  # a large domain sees a share of its pairs, none twice
+    # alpha 0: every domain the same number of batches
+    assert by_domain(DomainBatchSampler(domain_ids, batch_size=2, num_processes=1, seed=3, alpha=0.0)) == [14, 14, 14]
+
+
 def test_training_experts_only_leaves_shared_weights_unchanged(tiny_bert, tiny_data, tmp_path):
     from modeling_moebert import MoEBertModel
 
@@ -683,6 +708,21 @@ def test_settings_that_cannot_go_together_are_refused_with_the_flags_that_fix_th
     assert fix in capsys.readouterr().err
     fixed = train.parse_args(["--recipe", "quick", *flags, "--no-select_experts_per_domain", "--no-reuse_stem_states"])
     assert not fixed.select_experts_per_domain and not fixed.reuse_stem_states
+
+
+@pytest.mark.parametrize("flags, refusal", [
+    (["--batching", "mixed", "--domain_sampling_alpha", "0.5"],
+     "--batching mixed has no per-domain batches to share by --domain_sampling_alpha 0.5 (recipe quick): add "
+     "--domain_sampling_alpha 1"),
+    (["--domain_sampling_alpha", "-0.5"], "--domain_sampling_alpha -0.5: give 0 or more"),
+    (["--domain_sampling_alpha", "nan"], "--domain_sampling_alpha nan: give 0 or more"),
+])
+def test_a_domain_sampling_that_cannot_apply_is_refused(flags, refusal, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--recipe", "quick", *flags])
+    assert refusal in capsys.readouterr().err
+    assert train.parse_args(["--recipe", "quick", "--batching", "mixed", "--domain_sampling_alpha", "1"]).batching == "mixed"
+    assert train.parse_args(["--recipe", "quick", "--domain_sampling_alpha", "0"]).domain_sampling_alpha == 0
 
 
 def test_the_final_model_is_assembled_from_each_domains_best_expert(tiny_bert, tiny_data, tmp_path, monkeypatch, capsys):

@@ -125,8 +125,8 @@ def paired_bootstrap(per_model: dict, reference: str, resamples: int = 1000, see
 
     `per_model`: {model: {domain: (scores, labels)}}, every model scored on the same pairs in the same order.
     Each resample draws, within every domain and label, as many pairs as there are, with replacement (the strata
-    keep their sizes). Gains are given for the mean over domains and for all domains pooled:
-    {model: {"mean" | "all": {metric: {"gain", "low", "high"}}}}."""
+    keep their sizes). Gains are given for the mean over domains, for all domains pooled and for each domain:
+    {model: {"mean" | "all" | DOMAIN: {metric: {"gain", "low", "high"}}}}."""
     domains = list(per_model[reference])
     labels = {d: np.asarray(per_model[reference][d][1]).astype(int) for d in domains}
     rng = np.random.default_rng(seed)
@@ -154,21 +154,25 @@ def _stratified_draw(labels: dict, rng) -> dict:
 
 
 def _bootstrap_values(scored: dict, labels: dict, draws: list) -> dict:
-    """{view: {metric: (value on the pairs as they are, array of values on each resample)}}."""
+    """{view: {metric: (value on the pairs as they are, array of values on each resample)}}; views "mean", "all"
+    and each domain."""
     scores = {d: np.asarray(scored[d][0], dtype=np.float64) for d in labels}
     everything = {d: np.arange(len(labels[d])) for d in labels}
-    out = {"mean": {}, "all": {}}
+    out = {"mean": {}, "all": {}} | {d: {} for d in labels}
     for name, metric in BOOTSTRAP_METRICS.items():
-        def mean_over_domains(draw):
-            return float(np.mean([metric(scores[d][draw[d]], labels[d][draw[d]]) for d in labels]))
+        def per_domain(draw):
+            return [metric(scores[d][draw[d]], labels[d][draw[d]]) for d in labels]
 
         def pooled(draw):
             return metric(
                 np.concatenate([scores[d][draw[d]] for d in labels]), np.concatenate([labels[d][draw[d]] for d in labels])
             )
 
-        out["mean"][name] = (mean_over_domains(everything), np.array([mean_over_domains(draw) for draw in draws]))
+        point, resampled = per_domain(everything), np.array([per_domain(draw) for draw in draws])  # (draws, domains)
+        out["mean"][name] = (float(np.mean(point)), np.array([float(np.mean(values)) for values in resampled.tolist()]))
         out["all"][name] = (pooled(everything), np.array([pooled(draw) for draw in draws]))
+        for column, d in enumerate(labels):
+            out[d][name] = (point[column], resampled[:, column])
     return out
 
 

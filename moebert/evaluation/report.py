@@ -72,6 +72,19 @@ def gains_table(gains: dict) -> str:
     return "\n".join(lines)
 
 
+def domain_gains_table(gains: dict, metric: str = "roc_auc") -> str:
+    """One row per model and reference: each domain's gain in `metric` with its 95% interval, so a domain that loses
+    shows (its interval wholly below 0) even where the mean gains."""
+    per_reference = [(model, reference, gain) for model, refs in gains.items() for reference, gain in refs.items()]
+    domains = [view for view in per_reference[0][2] if view not in SUMMARIES] if per_reference else []
+    lines = [f"| {metric} gain per domain (95% CI) | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
+    for model, reference, gain in per_reference:
+        cells = [gain[d][metric] for d in domains]
+        lines.append(f"| {model} {reference} | "
+                     + " | ".join(f"{c['gain']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]" for c in cells) + " |")
+    return "\n".join(lines)
+
+
 def write_predictions(path: Path, predictions: dict):
     rows = ["pair_id,domain,model,cosine,label\n"]
     for (label, domain), (scores, labels) in predictions.items():

@@ -68,9 +68,13 @@ class DomainBatchSampler(torch.utils.data.Sampler):
     With P processes, a global batch of P * batch_size pairs is drawn from one domain and handed out as P
     consecutive batches; Accelerate gives batch i to process i % P, so the gathered negatives stay in one domain.
     The order depends only on (seed, epoch): a resumed run sees the same batches.
+
+    `alpha` sets each domain's share of an epoch's batches to its train pairs to the power alpha (temperature
+    sampling, as multilingual models balance languages): 1 gives every pair once an epoch; below 1 the small domains
+    get more batches, their pairs repeated in fresh orders, and the large ones fewer. The epoch keeps its length.
     """
 
-    def __init__(self, domain_ids, batch_size: int, num_processes: int, seed: int):
+    def __init__(self, domain_ids, batch_size: int, num_processes: int, seed: int, alpha: float = 1.0):
         domain_ids = np.asarray(domain_ids)
         self.groups = [np.flatnonzero(domain_ids == d) for d in np.unique(domain_ids)]
         self.num_processes, self.seed, self.epoch = num_processes, seed, 0
@@ -86,31 +90,39 @@ class DomainBatchSampler(torch.utils.data.Sampler):
                 f"global batch ({batch_size} x {num_processes} processes): each gives one smaller batch per epoch"
                 + (", or none if it has fewer pairs than processes" if min(small.values()) < num_processes else "")
             )
+        per_pass = [len(g) // size if size else 0 for g, size in zip(self.groups, self.sizes)]
+        weights = np.array([len(g) ** alpha if n else 0.0 for g, n in zip(self.groups, per_pass)])
+        # each domain's global batches per epoch; alpha 1 is one pass over every domain
+        self.counts = per_pass if alpha == 1 else [max(1, round(sum(per_pass) * w / weights.sum())) if w else 0 for w in weights]
 
     def set_epoch(self, epoch: int):
         self.epoch = epoch
 
     def __len__(self):
-        return sum(len(g) // size for g, size in zip(self.groups, self.sizes) if size) * self.num_processes
+        return sum(self.counts) * self.num_processes
 
     def __iter__(self):
         rng = np.random.default_rng([self.seed, self.epoch])
         global_batches = []
-        for group, size in zip(self.groups, self.sizes):
-            shuffled = rng.permutation(group)
-            global_batches += [shuffled[i : i + size] for i in range(0, len(shuffled) - size + 1, size)] if size else []
+        for group, size, count in zip(self.groups, self.sizes, self.counts):
+            batches = []
+            while len(batches) < count:  # a pass in a fresh order each time: no pair twice in one batch
+                shuffled = rng.permutation(group)
+                batches += [shuffled[i : i + size] for i in range(0, len(shuffled) - size + 1, size)]
+            global_batches += batches[:count]
         for index in rng.permutation(len(global_batches)):
             for part in np.split(global_batches[index], self.num_processes):
                 yield part.tolist()
 
 
-def train_dataloader(train_pairs, collate, batching: str, batch_size: int, num_processes: int, seed: int) -> DataLoader:
-    """`batching`: "domain" (every global batch from one domain) or "mixed"."""
+def train_dataloader(train_pairs, collate, batching: str, batch_size: int, num_processes: int, seed: int,
+                     alpha: float = 1.0) -> DataLoader:
+    """`batching`: "domain" (every global batch from one domain, domains sampled by `alpha`) or "mixed"."""
     # its own generator: starting an epoch must not draw from the global RNG, which drives dropout, or a resumed
     # run (whose iterator starts after the RNG state is restored) would see other dropout masks
     generator = torch.Generator().manual_seed(seed)
     if batching == "domain":
-        sampler = DomainBatchSampler(train_pairs["domain_id"], batch_size, num_processes, seed)
+        sampler = DomainBatchSampler(train_pairs["domain_id"], batch_size, num_processes, seed, alpha)
         return DataLoader(train_pairs, batch_sampler=sampler, collate_fn=collate, generator=generator)
     return DataLoader(
         train_pairs,

@@ -3,7 +3,9 @@ where a CUDA or MPS device is found, quick on a CPU) and says why; a flag given 
 value depends on another flag's value, and settings that cannot go together are refused with the flags to add.
 
 - quick: experts in the top two layers only, trained alone on stored stem states, each domain keeping its best
-  expert on valid: 750 steps of 16 pairs at 256 tokens, about 17 minutes on a 2-core CPU (docs/training.md).
+  expert on valid: 750 steps of 16 pairs at 256 tokens at 1e-4, each domain's share of batches by its pairs to the
+  power 0.5 so that small domains train too (both chosen on valid: docs/results.md); 11 to 17 minutes on a 2-core
+  CPU with native bf16, about 26 in fp32 (docs/training.md).
 - quick-base: the quick step for a base of BERT-base size (12 layers of 768: all-mpnet-base-v2, BERT-base), whose
   every step costs about four times MiniLM's per layer of experts: experts in the top layer alone, 500 steps,
   `valid` every 100; under an hour on a 2-core CPU in fp32 for all-mpnet-base-v2, the stored stem states included
@@ -18,22 +20,22 @@ from moebert.device import cpu_forced
 
 RECIPES = {
     "quick": {
-        "max_train_steps": 750, "num_train_epochs": None, "per_device_train_batch_size": 16, "learning_rate": 5e-5,
+        "max_train_steps": 750, "num_train_epochs": None, "per_device_train_batch_size": 16, "learning_rate": 1e-4,
         "max_seq_length": 256, "mixed_precision": "auto", "moe_layers": "top2", "attention_dropout": 0.0,
         "train_experts_only": True, "reuse_stem_states": True, "select_experts_per_domain": True,
-        "load_best_model_at_end": False, "eval_steps": 75,
+        "load_best_model_at_end": False, "eval_steps": 75, "domain_sampling_alpha": 0.5,
     },
     "quick-base": {
         "max_train_steps": 500, "num_train_epochs": None, "per_device_train_batch_size": 16, "learning_rate": 5e-5,
         "max_seq_length": 256, "mixed_precision": "auto", "moe_layers": "top1", "attention_dropout": 0.0,
         "train_experts_only": True, "reuse_stem_states": True, "select_experts_per_domain": True,
-        "load_best_model_at_end": False, "eval_steps": 100,
+        "load_best_model_at_end": False, "eval_steps": 100, "domain_sampling_alpha": 1.0,
     },
     "full": {
         "max_train_steps": None, "num_train_epochs": 1, "per_device_train_batch_size": 32, "learning_rate": 2e-5,
         "max_seq_length": 256, "mixed_precision": "bf16", "moe_layers": "all", "attention_dropout": None,
         "train_experts_only": False, "reuse_stem_states": False, "select_experts_per_domain": False,
-        "load_best_model_at_end": True, "eval_steps": 100,
+        "load_best_model_at_end": True, "eval_steps": 100, "domain_sampling_alpha": 1.0,
     },
 }
 SETTINGS = tuple(RECIPES["quick"])
@@ -82,7 +84,14 @@ def apply_recipe(args, bf16_native: bool) -> dict:
 
 def check_fit(args, recipe: str):
     """Stem reuse and per-domain selection need the shared weights frozen; selection needs one expert per domain and
-    picks the final model itself (a specialist keeps its best model instead)."""
+    picks the final model itself (a specialist keeps its best model instead); domain sampling shares out batches of
+    one domain each, which mixed batching does not have."""
+    alpha = args.domain_sampling_alpha
+    if not alpha >= 0:  # NaN fails this too
+        raise RecipeError(f"--domain_sampling_alpha {alpha}: give 0 or more (1: batches by pairs; 0: equal shares)")
+    if alpha != 1 and args.batching == "mixed":
+        raise RecipeError(f"--batching mixed has no per-domain batches to share by --domain_sampling_alpha {alpha} "
+                          f"(recipe {recipe}): add --domain_sampling_alpha 1")
     if not args.train_experts_only:
         needing = [f"--no-{s}" for s in ("reuse_stem_states", "select_experts_per_domain") if getattr(args, s)]
         if needing:
