@@ -169,7 +169,7 @@ def _bootstrap_values(scored: dict, labels: dict, draws: list) -> dict:
             )
 
         point, resampled = per_domain(everything), np.array([per_domain(draw) for draw in draws])  # (draws, domains)
-        out["mean"][name] = (float(np.mean(point)), np.array([float(np.mean(values)) for values in resampled.tolist()]))
+        out["mean"][name] = (float(np.mean(point)), resampled.mean(axis=1))
         out["all"][name] = (pooled(everything), np.array([pooled(draw) for draw in draws]))
         for column, d in enumerate(labels):
             out[d][name] = (point[column], resampled[:, column])
